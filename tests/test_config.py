@@ -1,0 +1,59 @@
+"""Config validation: unknown keys, cross-field rules, overrides, secret-free dumps."""
+
+from __future__ import annotations
+
+import pytest
+
+from pipeline.config import apply_overrides, parse_config
+from transforms.errors import ConfigError
+
+BASE = {"input": {"path": "data/*.jsonl"}}
+
+
+def test_defaults_follow_the_contract() -> None:
+    cfg = parse_config(BASE)
+    assert cfg.split.max_tokens == 512 and cfg.split.overlap_tokens == 64
+    assert cfg.provider.kind == "openai" and cfg.provider.encoding_format == "base64"
+    assert cfg.limits.requests_per_minute == 3000 and cfg.retry.max_attempts == 8
+    assert cfg.output.rows_per_file == 100_000 and cfg.validate_.max_document_bytes == 10_000_000
+
+
+def test_unknown_key_is_named() -> None:
+    with pytest.raises(ConfigError, match=r"limits\.tokens_per_minit"):
+        parse_config({**BASE, "limits": {"tokens_per_minit": 5}})
+
+
+def test_overlap_must_be_below_max_tokens() -> None:
+    with pytest.raises(ConfigError, match="overlap_tokens"):
+        parse_config({**BASE, "split": {"max_tokens": 64, "overlap_tokens": 64}})
+
+
+def test_unknown_provider_kind_lists_choices() -> None:
+    with pytest.raises(ConfigError, match="provider.kind.*openai"):
+        parse_config({**BASE, "provider": {"kind": "nope"}})
+
+
+def test_chunk_must_fit_provider_limits() -> None:
+    with pytest.raises(ConfigError, match="split.max_tokens"):
+        parse_config({**BASE, "provider": {"max_input_tokens": 256}})
+    with pytest.raises(ConfigError, match="split.max_tokens"):
+        parse_config({**BASE, "provider": {"max_tokens_per_request": 100}})
+
+
+def test_overrides_parse_yaml_scalars_and_create_sections() -> None:
+    data = apply_overrides(BASE, ["limits.tokens_per_minute=500000", "output.include_text=true",
+                                  "provider.dimensions=null", "input.path=s3://b/x/*.jsonl"])
+    cfg = parse_config(data)
+    assert cfg.limits.tokens_per_minute == 500000
+    assert cfg.output.include_text is True
+    assert cfg.input.path == "s3://b/x/*.jsonl"
+    with pytest.raises(ConfigError, match="KEY=VALUE"):
+        apply_overrides(BASE, ["novalue"])
+
+
+def test_public_dict_redacts_storage_secrets() -> None:
+    cfg = parse_config({**BASE, "input": {"path": "s3://b/*", "storage_options": {
+        "key": "AKIA123", "secret": "s3cr3t", "endpoint_url": "http://127.0.0.1:9"}}})
+    dumped = str(cfg.public_dict())
+    assert "AKIA123" not in dumped and "s3cr3t" not in dumped
+    assert "http://127.0.0.1:9" in dumped

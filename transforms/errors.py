@@ -1,0 +1,116 @@
+"""The one exception tree of embedpipe.
+
+Errors from below (httpx, fsspec, the provider's JSON) are translated once, at the boundary that
+sees them, into the most specific class here, and re-raised ``from exc`` so the cause is kept.
+Retry and abort decisions test these classes, never httpx's.
+
+::
+
+    EmbedpipeError
+    ├── ConfigError                 bad arguments or config, found before any API call (exit 2)
+    ├── InputError                  an input file cannot be listed or opened
+    └── ProviderError               an answer (or no answer) from the embedding API
+        ├── RetryableError          try the same request again, after a wait
+        │   ├── RateLimitedError    429 / throttling: also slows the limiter down
+        │   └── MalformedResponseError  unparseable body, wrong count, index or dimension
+        ├── InputRejectedError      the provider refused the content of an input (400/422)
+        ├── RequestTooLargeError    the request is over a server cap (413): shrink the bundle
+        └── FatalProviderError      bad key, no quota, unknown model: abort the run (exit 3)
+
+No message built here contains a secret: provider messages are passed through :func:`redact`
+with the key before they are stored.
+"""
+
+from __future__ import annotations
+
+
+class EmbedpipeError(Exception):
+    """Base class of every error embedpipe raises on purpose."""
+
+
+class ConfigError(EmbedpipeError):
+    """The configuration or command line is invalid. Names the key at fault and how to fix it."""
+
+    def __init__(self, message: str, *, key: str | None = None) -> None:
+        self.key = key
+        super().__init__(f"{key}: {message}" if key else message)
+
+
+class InputError(EmbedpipeError):
+    """An input URL cannot be listed or opened."""
+
+
+class ProviderError(EmbedpipeError):
+    """An error answer from the embedding API, already classified.
+
+    ``code`` is the provider's own error code when it sent one (``RateLimitExceeded``, ``"429"``,
+    ``invalid_api_key``); ``retry_after_s`` is the wait the provider asked for, if any.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        http_status: int | None = None,
+        code: str | None = None,
+        retry_after_s: float | None = None,
+        provider_request_id: str | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.http_status = http_status
+        self.code = code
+        self.retry_after_s = retry_after_s
+        self.provider_request_id = provider_request_id
+
+    def describe(self) -> str:
+        """One line for usage and reject rows: ``HTTP 429 RateLimitExceeded: too many requests``."""
+        head = " ".join(
+            part
+            for part in (
+                f"HTTP {self.http_status}" if self.http_status is not None else None,
+                self.code,
+            )
+            if part
+        )
+        return f"{head}: {self.message}" if head else self.message
+
+
+class RetryableError(ProviderError):
+    """A transient failure: the same request may succeed later."""
+
+
+class RateLimitedError(RetryableError):
+    """The provider throttled us (HTTP 429 or a throttling code)."""
+
+
+class MalformedResponseError(RetryableError):
+    """The answer cannot be trusted: bad JSON, or vectors that do not match the inputs."""
+
+
+class InputRejectedError(ProviderError):
+    """The provider rejected the content of the request (too long, unsafe, invalid)."""
+
+
+class RequestTooLargeError(ProviderError):
+    """The request exceeds a server-side cap on inputs or bytes; a smaller bundle will pass."""
+
+
+class FatalProviderError(ProviderError):
+    """No request can succeed: bad key, no access, no quota, unknown model or endpoint."""
+
+
+def redact(text: str, *secrets: str | None) -> str:
+    """Remove every secret, and any 8-character piece of one echoed back, from ``text``."""
+    out = text
+    for secret in secrets:
+        if not secret:
+            continue
+        out = out.replace(secret, "[REDACTED]")
+        if len(secret) >= 16:
+            # Providers echo keys partially ("sk-abc...wxyz"): drop every 8-character piece too.
+            for i in range(len(secret) - 7):
+                piece = secret[i : i + 8]
+                if piece in out:
+                    out = out.replace(piece, "[REDACTED]")
+    return out

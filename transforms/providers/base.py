@@ -1,0 +1,378 @@
+"""The provider contract: build a request, parse the answer, classify an error.
+
+A provider knows one API dialect and nothing else: no retries, no rate limits, no Beam. The embed
+stage hands it an ``httpx.Client`` (created once per worker process) and a list of texts, and gets
+back either an :class:`EmbeddingResult` whose vectors are aligned with the texts, or one of the
+classified :mod:`transforms.errors`. Everything httpx or the server can throw is translated here,
+once, so that nothing above this boundary looks at HTTP status codes.
+
+Alignment is the provider's first duty: vectors are re-ordered by the answer's ``index``, and an
+answer whose indices, count or dimension do not match the request is a
+:class:`~transforms.errors.MalformedResponseError` (retried), never a misaligned row.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import email.utils
+import json
+import re
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import httpx
+import numpy as np
+
+from pipeline.config import ProviderConfig
+from transforms.errors import (
+    FatalProviderError,
+    InputRejectedError,
+    MalformedResponseError,
+    ProviderError,
+    RateLimitedError,
+    RequestTooLargeError,
+    RetryableError,
+)
+
+
+@dataclass(frozen=True, slots=True)
+class RateLimitHint:
+    """What the provider's ``x-ratelimit-*`` headers said about the remaining budget."""
+
+    remaining_requests: float | None = None
+    remaining_tokens: float | None = None
+    reset_requests_s: float | None = None
+    reset_tokens_s: float | None = None
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class EmbeddingResult:
+    """Vectors aligned with the request's texts, plus what the provider said it cost."""
+
+    vectors: np.ndarray  # shape (n_inputs, dim), float32, row i belongs to text i
+    prompt_tokens: int
+    total_tokens: int
+    tokens_estimated: bool
+    http_status: int
+    provider_request_id: str | None = None
+    rate_hint: RateLimitHint | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class HttpRequest:
+    method: str
+    url: str
+    json: Mapping[str, Any] | None
+    headers: Mapping[str, str]
+    params: Mapping[str, str] | None = None
+
+
+class Provider:
+    """Base class of every provider; subclasses override the dialect-specific hooks.
+
+    ``embed`` is the one entry point used by the embed stage. Hooks, in call order:
+    :meth:`build_request` → (HTTP) → :meth:`classify_error` for non-2xx answers, else
+    :meth:`parse_response` → :meth:`finalize_vectors`.
+    """
+
+    kind: ClassVar[str]
+    #: The per-input token limit of the API, if it has a documented one (checked against split).
+    default_max_input_tokens: ClassVar[int | None] = None
+
+    def __init__(self, cfg: ProviderConfig) -> None:
+        self.cfg = cfg
+
+    # -- configuration ----------------------------------------------------------------------
+
+    @classmethod
+    def check_config(cls, cfg: ProviderConfig) -> None:
+        """Raise :class:`~transforms.errors.ConfigError` for settings this API cannot honour."""
+
+    @property
+    def expected_dim(self) -> int | None:
+        """The dimension every vector must have after :meth:`finalize_vectors`, when known."""
+        return self.cfg.dimensions
+
+    # -- the request ------------------------------------------------------------------------
+
+    def auth_headers(self, api_key: str | None) -> dict[str, str]:
+        if not api_key:
+            return {}
+        value = f"{self.cfg.auth_scheme} {api_key}" if self.cfg.auth_scheme else api_key
+        return {self.cfg.auth_header: value}
+
+    def build_request(self, texts: Sequence[str], api_key: str | None) -> HttpRequest:
+        raise NotImplementedError
+
+    def embed(
+        self, client: httpx.Client, texts: Sequence[str], api_key: str | None, est_tokens: int
+    ) -> EmbeddingResult:
+        """Send one request for ``texts`` and return aligned vectors, or raise a classified error."""
+        response = self.send(client, self.build_request(texts, api_key))
+        if response.status_code >= 400:
+            raise self.classify_error(response)
+        result = self.parse_response(response, len(texts), est_tokens)
+        vectors = self.finalize_vectors(result.vectors)
+        check_vectors(vectors, len(texts), self.expected_dim)
+        return EmbeddingResult(
+            vectors=vectors,
+            prompt_tokens=result.prompt_tokens,
+            total_tokens=result.total_tokens,
+            tokens_estimated=result.tokens_estimated,
+            http_status=result.http_status,
+            provider_request_id=result.provider_request_id or request_id_of(response),
+            rate_hint=parse_rate_limit_headers(response.headers),
+        )
+
+    def send(self, client: httpx.Client, request: HttpRequest) -> httpx.Response:
+        """One HTTP exchange, with transport failures translated to retryable errors."""
+        try:
+            return client.request(
+                request.method,
+                request.url,
+                json=request.json,
+                headers=dict(request.headers),
+                params=request.params,
+            )
+        except httpx.TimeoutException as exc:
+            raise RetryableError(
+                f"no answer within provider.timeout_s={self.cfg.timeout_s:g}s "
+                f"({type(exc).__name__})"
+            ) from exc
+        except httpx.TransportError as exc:
+            raise RetryableError(
+                f"connection to {request.url} failed ({type(exc).__name__}: {exc})"
+            ) from exc
+
+    # -- the answer -------------------------------------------------------------------------
+
+    def parse_response(
+        self, response: httpx.Response, n_inputs: int, est_tokens: int
+    ) -> EmbeddingResult:
+        raise NotImplementedError
+
+    def finalize_vectors(self, vectors: np.ndarray) -> np.ndarray:
+        """Client-side post-processing (dimension reduction, normalisation); identity here."""
+        return vectors
+
+    def classify_error(self, response: httpx.Response) -> ProviderError:
+        """Map an error answer to the most specific class (OpenAI-style rules by default)."""
+        code, message = error_code_and_message(response)
+        return classify_http_error(
+            response.status_code,
+            code,
+            message,
+            retry_after_s=retry_after_seconds(response.headers),
+            provider_request_id=request_id_of(response),
+        )
+
+
+# -- helpers shared by the dialects ---------------------------------------------------------
+
+_QUOTA_WORDS = ("insufficient_quota", "quota", "billing", "overdue", "setlimitexceeded")
+
+
+def classify_http_error(
+    status: int,
+    code: str | None,
+    message: str,
+    *,
+    retry_after_s: float | None = None,
+    provider_request_id: str | None = None,
+) -> ProviderError:
+    """The default classification of an HTTP error, shared by OpenAI-compatible servers.
+
+    401/403/404 and exhausted quota are fatal; 408/409/425/429 and 5xx are retried; 413 means
+    the request is too large (shrink it); other 4xx are about the content of the inputs.
+    """
+    kwargs: dict[str, Any] = {
+        "http_status": status,
+        "code": code,
+        "retry_after_s": retry_after_s,
+        "provider_request_id": provider_request_id,
+    }
+    lowered = f"{code or ''} {message}".lower()
+    if status in (401, 403, 404):
+        return FatalProviderError(message, **kwargs)
+    if status == 429:
+        if any(word in lowered for word in _QUOTA_WORDS):
+            return FatalProviderError(message, **kwargs)
+        return RateLimitedError(message, **kwargs)
+    if status in (408, 409, 425) or status >= 500:
+        return RetryableError(message, **kwargs)
+    if status == 413:
+        return RequestTooLargeError(message, **kwargs)
+    return InputRejectedError(message, **kwargs)
+
+
+def json_body(response: httpx.Response) -> Any:
+    """The decoded JSON body; an unparseable one is malformed (and so retried)."""
+    try:
+        return json.loads(response.content)
+    except (ValueError, UnicodeDecodeError) as exc:
+        snippet = response.content[:120].decode("utf-8", "replace")
+        raise MalformedResponseError(
+            f"answer is not JSON ({exc.__class__.__name__}): {snippet!r}",
+            http_status=response.status_code,
+        ) from exc
+
+
+def error_code_and_message(response: httpx.Response) -> tuple[str | None, str]:
+    """Best-effort ``(code, message)`` from an error body of any common shape, or HTML."""
+    try:
+        body = json.loads(response.content)
+    except (ValueError, UnicodeDecodeError):
+        text = re.sub(r"<[^>]+>", " ", response.content[:300].decode("utf-8", "replace"))
+        text = " ".join(text.split())
+        return None, text or response.reason_phrase or f"HTTP {response.status_code}"
+    if isinstance(body, dict):
+        err = body.get("error", body)
+        if isinstance(err, str):
+            return _code(body.get("code") or body.get("error_type")), err
+        if isinstance(err, dict):
+            message = err.get("message") or err.get("msg") or body.get("message") or ""
+            code = err.get("code") or err.get("type") or body.get("code") or body.get("error_type")
+            return _code(code), str(message) or json.dumps(body)[:300]
+    return None, json.dumps(body)[:300]
+
+
+def _code(value: Any) -> str | None:
+    return None if value is None or value == "" else str(value)
+
+
+def retry_after_seconds(headers: Mapping[str, str]) -> float | None:
+    """``retry-after-ms`` (OpenAI), ``Retry-After`` seconds or HTTP-date; None when absent."""
+    ms = headers.get("retry-after-ms")
+    if ms:
+        try:
+            return max(0.0, float(ms) / 1000.0)
+        except ValueError:
+            pass
+    value = headers.get("retry-after")
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        parsed = email.utils.parsedate_to_datetime(value) if value else None
+        if parsed is None:
+            return None
+        return max(0.0, parsed.timestamp() - time.time())
+
+
+_DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|h|m|s)")
+
+
+def parse_duration(value: str | None) -> float | None:
+    """OpenAI's reset durations (``"1s"``, ``"6m0s"``, ``"20ms"``) or bare seconds."""
+    if not value:
+        return None
+    try:
+        return float(value)
+    except ValueError:
+        pass
+    scale = {"h": 3600.0, "m": 60.0, "s": 1.0, "ms": 0.001}
+    parts = _DURATION_PART.findall(value)
+    return sum(float(n) * scale[u] for n, u in parts) if parts else None
+
+
+def parse_rate_limit_headers(headers: Mapping[str, str]) -> RateLimitHint | None:
+    def num(name: str) -> float | None:
+        raw = headers.get(name)
+        try:
+            return float(raw) if raw is not None else None
+        except ValueError:
+            return None
+
+    hint = RateLimitHint(
+        remaining_requests=num("x-ratelimit-remaining-requests"),
+        remaining_tokens=num("x-ratelimit-remaining-tokens"),
+        reset_requests_s=parse_duration(headers.get("x-ratelimit-reset-requests")),
+        reset_tokens_s=parse_duration(headers.get("x-ratelimit-reset-tokens")),
+    )
+    return None if hint == RateLimitHint() else hint
+
+
+def request_id_of(response: httpx.Response) -> str | None:
+    for name in ("x-request-id", "x-client-request-id", "request-id", "x-tt-logid"):
+        if name in response.headers:
+            return response.headers[name]
+    return None
+
+
+def decode_embedding(value: Any, *, position: int) -> np.ndarray:
+    """One embedding as float32: a base64 string of little-endian float32, or a list of numbers."""
+    if isinstance(value, str):
+        try:
+            raw = base64.b64decode(value, validate=True)
+        except (binascii.Error, ValueError) as exc:
+            raise MalformedResponseError(f"embedding {position} is not valid base64") from exc
+        if len(raw) % 4:
+            raise MalformedResponseError(
+                f"embedding {position} has {len(raw)} bytes, not a whole number of float32"
+            )
+        return np.frombuffer(raw, dtype="<f4").astype(np.float32, copy=False)
+    if isinstance(value, list):
+        try:
+            return np.asarray(value, dtype=np.float32)
+        except (TypeError, ValueError) as exc:
+            raise MalformedResponseError(f"embedding {position} is not a list of numbers") from exc
+    raise MalformedResponseError(f"embedding {position} is a {type(value).__name__}")
+
+
+def align_by_index(items: Sequence[Any], n_inputs: int, *, key: str = "embedding") -> np.ndarray:
+    """Stack ``[{index, <key>}]`` items into an (n_inputs, dim) array ordered by ``index``.
+
+    Items without an ``index`` are taken in the order given (some servers omit it). Missing,
+    duplicate or out-of-range indices and a count that differs from the request are malformed.
+    """
+    if len(items) != n_inputs:
+        raise MalformedResponseError(
+            f"answer has {len(items)} embeddings for {n_inputs} inputs"
+        )
+    rows: list[np.ndarray | None] = [None] * n_inputs
+    for position, item in enumerate(items):
+        if isinstance(item, dict):
+            index = item.get("index", position)
+            value = item.get(key)
+        else:
+            index, value = position, item
+        if not isinstance(index, int) or not 0 <= index < n_inputs or rows[index] is not None:
+            raise MalformedResponseError(f"answer has a bad or repeated index {index!r}")
+        rows[index] = decode_embedding(value, position=index)
+    dims = {row.shape[0] for row in rows if row is not None}
+    if len(dims) != 1:
+        raise MalformedResponseError(f"answer mixes embedding dimensions {sorted(dims)}")
+    return np.vstack(rows)  # type: ignore[arg-type]
+
+
+def check_vectors(vectors: np.ndarray, n_inputs: int, expected_dim: int | None) -> None:
+    """Final guard before vectors leave the provider: shape, dimension and finiteness."""
+    if vectors.ndim != 2 or vectors.shape[0] != n_inputs:
+        raise MalformedResponseError(
+            f"answer has shape {vectors.shape} for {n_inputs} inputs"
+        )
+    if expected_dim is not None and vectors.shape[1] != expected_dim:
+        raise MalformedResponseError(
+            f"answer has dimension {vectors.shape[1]}, expected provider.dimensions={expected_dim}"
+        )
+    if vectors.shape[1] == 0 or not np.isfinite(vectors).all():
+        raise MalformedResponseError("answer has empty or non-finite embeddings")
+
+
+def l2_normalize(vectors: np.ndarray) -> np.ndarray:
+    norms = np.linalg.norm(vectors, axis=1, keepdims=True)
+    return (vectors / np.where(norms == 0, 1.0, norms)).astype(np.float32, copy=False)
+
+
+def usage_tokens(usage: Any, est_tokens: int) -> tuple[int, int, bool]:
+    """``(prompt_tokens, total_tokens, estimated)`` from a usage object, or the local estimate."""
+    if isinstance(usage, dict):
+        prompt = usage.get("prompt_tokens", usage.get("input_tokens"))
+        total = usage.get("total_tokens", prompt)
+        if isinstance(prompt, int):
+            return prompt, total if isinstance(total, int) else prompt, False
+    return est_tokens, est_tokens, True

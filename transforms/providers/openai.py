@@ -1,0 +1,67 @@
+"""The OpenAI-compatible family: OpenAI, Azure OpenAI, vLLM, TEI, Ollama, LiteLLM and the like.
+
+``POST {base_url}/embeddings`` with ``{model, input, encoding_format, dimensions}``; the answer is
+``{data: [{index, embedding}], usage: {prompt_tokens, total_tokens}}``. Variants are options,
+not subclasses:
+
+- Azure: ``base_url: https://RESOURCE.openai.azure.com/openai/deployments/DEPLOYMENT``,
+  ``auth_header: api-key``, ``auth_scheme: null``, ``api_version: "2024-10-21"``.
+- Servers without ``usage`` (Ollama, some vLLM builds): tokens are estimated and the usage row
+  says ``tokens_estimated``.
+- Servers that reject ``dimensions``: ``send_dimensions: false``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import httpx
+
+from transforms.errors import MalformedResponseError
+from transforms.providers.base import (
+    EmbeddingResult,
+    HttpRequest,
+    Provider,
+    align_by_index,
+    json_body,
+    usage_tokens,
+)
+
+
+class OpenAIProvider(Provider):
+    """An OpenAI-compatible ``/embeddings`` endpoint."""
+
+    kind = "openai"
+    default_max_input_tokens = None  # model-dependent (8191 for OpenAI's); set max_input_tokens
+
+    def build_request(self, texts: Sequence[str], api_key: str | None) -> HttpRequest:
+        body: dict[str, object] = {
+            "model": self.cfg.model,
+            "input": list(texts),
+            "encoding_format": self.cfg.encoding_format,
+        }
+        if self.cfg.dimensions is not None and self.cfg.send_dimensions:
+            body["dimensions"] = self.cfg.dimensions
+        headers = {**self.cfg.extra_headers, **self.auth_headers(api_key)}
+        params = {"api-version": self.cfg.api_version} if self.cfg.api_version else None
+        return HttpRequest("POST", f"{self.cfg.base_url}/embeddings", body, headers, params)
+
+    def parse_response(
+        self, response: httpx.Response, n_inputs: int, est_tokens: int
+    ) -> EmbeddingResult:
+        body = json_body(response)
+        data = body.get("data") if isinstance(body, dict) else None
+        if not isinstance(data, list):
+            raise MalformedResponseError(
+                "answer has no 'data' list", http_status=response.status_code
+            )
+        vectors = align_by_index(data, n_inputs)
+        prompt, total, estimated = usage_tokens(body.get("usage"), est_tokens)
+        return EmbeddingResult(
+            vectors=vectors,
+            prompt_tokens=prompt,
+            total_tokens=total,
+            tokens_estimated=estimated,
+            http_status=response.status_code,
+            provider_request_id=body.get("id") if isinstance(body.get("id"), str) else None,
+        )

@@ -1,0 +1,213 @@
+"""The records that flow between stages: the data contracts of the pipeline.
+
+Every record is a frozen, slotted dataclass. Stages never mutate an element they receive; they
+build a new one (``dataclasses.replace``) so that Beam may hand the same object to several
+consumers, and so that a retried bundle sees exactly what the first attempt saw.
+
+Flow::
+
+    SourceFile ─read─► RawRecord ─validate─► Document ─split─► Chunk ─pack─► Bundle
+    Bundle ─embed─► EmbeddedBatch | Reject | UsageRecord ─write─► WrittenFile ─► manifest.json
+
+Metadata is kept as a tuple of ``(name, value)`` pairs in the order of ``input.metadata_fields``:
+hashable, picklable and impossible to mutate by accident, unlike a shared ``dict``.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+Metadata = tuple[tuple[str, Any], ...]
+
+# Reject stages (contract: rejects.stage).
+STAGE_READ = "read"
+STAGE_VALIDATE = "validate"
+STAGE_SPLIT = "split"
+STAGE_EMBED = "embed"
+
+# Stable reject reason codes (contract: rejects.reason). Add, never rename.
+EMPTY_TEXT = "empty_text"
+MISSING_ID = "missing_id"
+DUPLICATE_ID = "duplicate_id"
+NOT_TEXT = "not_text"
+INVALID_UTF8 = "invalid_utf8"
+MALFORMED_RECORD = "malformed_record"
+UNREADABLE_FILE = "unreadable_file"
+NO_FILES_MATCHED = "no_files_matched"
+TOO_LARGE = "too_large"
+PROVIDER_REJECTED = "provider_rejected"
+RETRIES_EXHAUSTED = "retries_exhausted"
+ABORTED = "aborted"
+
+# Usage outcomes (contract: usage.outcome).
+OUTCOME_OK = "ok"
+OUTCOME_RETRY = "retry"
+OUTCOME_FAILED = "failed"
+
+
+def format_source(url: str, position: int | None) -> str:
+    """``url:position`` (a 1-based line or row number), or the bare URL for whole-file documents."""
+    return url if position is None else f"{url}:{position}"
+
+
+@dataclass(frozen=True, slots=True)
+class SourceFile:
+    """One matched input file, produced by the match step and read by one worker.
+
+    ``root`` is the non-glob prefix of the pattern that matched it: text documents take their id
+    from the path relative to it, so ids do not change when a corpus moves between buckets.
+    """
+
+    url: str
+    root: str
+    format: str
+    size: int
+
+
+@dataclass(frozen=True, slots=True)
+class RawRecord:
+    """A record as read, before validation: fields are whatever the file held.
+
+    ``doc_id`` and ``text`` are untyped on purpose; deciding what is acceptable is the validate
+    stage's job, so every format shares one set of rules and reason codes.
+    """
+
+    source_url: str
+    position: int | None
+    doc_id: Any
+    text: Any
+    metadata: Metadata = ()
+
+    @property
+    def source(self) -> str:
+        return format_source(self.source_url, self.position)
+
+
+@dataclass(frozen=True, slots=True)
+class Document:
+    """A valid document: a non-empty id and non-blank text within the size limit."""
+
+    doc_id: str
+    text: str
+    source_url: str
+    position: int | None
+    metadata: Metadata = ()
+
+    @property
+    def source(self) -> str:
+        return format_source(self.source_url, self.position)
+
+    @property
+    def sort_key(self) -> tuple[str, int]:
+        """Deterministic order among duplicates: the earliest file, then the earliest line wins."""
+        return (self.source_url, -1 if self.position is None else self.position)
+
+
+@dataclass(frozen=True, slots=True)
+class Chunk:
+    """A token-bounded slice of a document: ``document.text[char_start:char_end] == text``."""
+
+    chunk_id: str
+    doc_id: str
+    chunk_index: int
+    char_start: int
+    char_end: int
+    n_tokens: int
+    content_sha256: str
+    text: str
+    source: str
+    metadata: Metadata = ()
+
+    @property
+    def n_bytes(self) -> int:
+        return len(self.text.encode("utf-8"))
+
+
+@dataclass(frozen=True, slots=True)
+class Bundle:
+    """The chunks of one embedding request, within every provider cap.
+
+    ``bundle_id`` is derived from the chunk ids, so the same chunks always form the same id in
+    logs and usage rows.
+    """
+
+    bundle_id: str
+    chunks: tuple[Chunk, ...]
+    n_tokens: int
+    n_bytes: int
+
+    def __len__(self) -> int:
+        return len(self.chunks)
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class EmbeddedBatch:
+    """Chunks and their vectors: row ``i`` of ``vectors`` belongs to ``chunks[i]``.
+
+    Vectors travel as one float32 matrix per request rather than one array per chunk: a single
+    buffer to pickle between stages and to hand to Arrow, instead of thousands of small ones.
+    """
+
+    chunks: tuple[Chunk, ...]
+    model: str
+    vectors: np.ndarray
+
+    def __post_init__(self) -> None:
+        if self.vectors.ndim != 2 or self.vectors.shape[0] != len(self.chunks):
+            raise ValueError(
+                f"{self.vectors.shape[0]} vectors for {len(self.chunks)} chunks: misaligned batch"
+            )
+
+    def __len__(self) -> int:
+        return len(self.chunks)
+
+
+@dataclass(frozen=True, slots=True)
+class Reject:
+    """A record or chunk that did not get a vector, and why (contract: ``rejects/``)."""
+
+    id: str | None
+    doc_id: str | None
+    source: str
+    stage: str
+    reason: str
+    detail: str = ""
+    attempts: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class UsageRecord:
+    """One HTTP attempt, successful or not (contract: ``usage/``)."""
+
+    request_id: str
+    provider_request_id: str | None
+    model: str
+    n_inputs: int
+    prompt_tokens: int
+    total_tokens: int
+    tokens_estimated: bool
+    attempt: int
+    http_status: int | None
+    outcome: str
+    error: str | None
+    latency_ms: float
+    started_at: dt.datetime
+    worker: str
+
+
+@dataclass(frozen=True, slots=True)
+class WrittenFile:
+    """A committed output file, reported to the manifest step.
+
+    ``stats`` carries per-file aggregates (reject reasons, usage sums) so that the manifest is
+    computed from what was actually written, not from a second pass over the data.
+    """
+
+    kind: str
+    path: str
+    rows: int
+    stats: tuple[tuple[str, int], ...] = field(default=())
