@@ -1,0 +1,536 @@
+"""The read stage: ``input.path`` patterns in, raw records and read rejects out.
+
+Two steps, split so that Beam can spread the work: ``MatchFiles`` expands each pattern into
+:class:`SourceFile` elements (one listing per pattern), and after a reshuffle ``ReadRecords``
+streams each file into :class:`RawRecord` elements. Memory stays bounded by one JSON line, CSV row
+or Parquet batch, except in ``text`` format, where a whole file is one document.
+
+Reading is deliberately permissive: this stage only turns bytes into fields. Whether an id or a
+text is acceptable is the validate stage's decision, so that every format shares one set of rules
+and reason codes. What cannot become a record here (bytes that are not UTF-8, a line that is not a
+JSON object, a file that cannot be opened or breaks off half-way) becomes a :class:`Reject` that
+names the file and the 1-based line or row, and the run goes on: one bad file never fails it.
+
+All I/O goes through fsspec URLs, so local paths, ``memory://``, ``s3://`` and ``gs://`` behave
+alike; nothing here looks at a URL scheme.
+
+Example::
+
+    read = pipeline | "ReadCorpus" >> ReadCorpus(cfg.input)
+    read["records"]  # PCollection[RawRecord]
+    read["rejects"]  # PCollection[Reject]
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import itertools
+import json
+import posixpath
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import apache_beam as beam
+import fsspec
+import pyarrow.parquet as pq
+from apache_beam.metrics import Metrics
+from apache_beam.pvalue import PBegin, PCollection, TaggedOutput
+from fsspec.core import OpenFile, has_magic, url_to_fs
+from fsspec.spec import AbstractFileSystem
+
+from pipeline.config import InputConfig
+from transforms.errors import InputError, redact
+from transforms.types import (
+    INVALID_UTF8,
+    MALFORMED_RECORD,
+    NO_FILES_MATCHED,
+    STAGE_READ,
+    UNREADABLE_FILE,
+    RawRecord,
+    Reject,
+    SourceFile,
+    format_source,
+)
+
+REJECTS = "rejects"
+"""Tag of the reject outputs of this stage's DoFns."""
+
+UNKNOWN_FORMAT = "unknown"
+"""The format ``format: auto`` gives a file whose name it cannot place. Such files stay in the
+listing so that the read stage reports each one as a reject instead of skipping it unseen."""
+
+_FORMAT_BY_EXTENSION = {
+    ".jsonl": "jsonl",
+    ".ndjson": "jsonl",
+    ".json": "jsonl",
+    ".parquet": "parquet",
+    ".pq": "parquet",
+    ".csv": "csv",
+    ".txt": "text",
+    ".md": "text",
+    ".text": "text",
+    ".rst": "text",
+    ".html": "text",
+}
+
+# Compression suffix -> fsspec codec. Spelled out rather than left to ``compression="infer"``
+# because fsspec does not know ".zstd", and the format inference must strip the same suffixes.
+_CODEC_BY_SUFFIX = {".gz": "gzip", ".bz2": "bz2", ".xz": "xz", ".zst": "zstd", ".zstd": "zstd"}
+
+# Formats read front to back, which a decompressing stream can serve. Parquet compresses its own
+# pages and needs random access to its footer, so a compressed Parquet file cannot be read.
+_STREAMED_FORMATS = frozenset({"jsonl", "csv", "text"})
+
+_PARQUET_BATCH_ROWS = 1024
+
+# The csv module refuses fields over 128 KiB by default. Document size is the validate stage's
+# rule (validate.max_document_bytes, reason too_large), so that CSV behaves like every other format.
+_CSV_FIELD_LIMIT = 2**31 - 1
+
+# UTF-8 that skips a leading byte-order mark, as Excel and Notepad write: left in, it would
+# rename the first CSV column. JSONL lines keep plain UTF-8, decoded per line, where this codec
+# costs ten times more; a marked first line is rejected with a message that says so.
+_UTF8_SKIPPING_BOM = "utf-8-sig"
+
+_JSON_TYPE_NAMES = {
+    list: "array",
+    str: "string",
+    int: "number",
+    float: "number",
+    bool: "boolean",
+    type(None): "null",
+}
+
+
+# --- Listing -----------------------------------------------------------------------------------
+
+
+def expand_pattern(
+    pattern: str, storage_options: Mapping[str, Any], fmt: str
+) -> list[SourceFile]:
+    """The files one ``input.path`` entry names, sorted by URL so that every run sees one order.
+
+    A glob (``*``, ``?``, ``[``) names the files it matches, a directory every file below it at
+    any depth, anything else the one file. Directories, and the empty "folder" objects that
+    object stores keep, are not files. ``fmt`` is ``input.format``: with ``auto`` each file's
+    format comes from its extension once a compression suffix is removed, and a file it cannot
+    place gets :data:`UNKNOWN_FORMAT`.
+
+    An empty list means that nothing matched; the caller decides what that means. A listing that
+    fails (no such bucket, no permission, unknown protocol) raises :class:`InputError`.
+
+    Example::
+
+        expand_pattern("s3://corpus/2024/**/*.jsonl.gz", {"anon": True}, "auto")
+    """
+    try:
+        fs, path = url_to_fs(pattern, **storage_options)
+        root, entries = _list(fs, path)
+        return sorted(
+            (
+                SourceFile(
+                    url=fs.unstrip_protocol(entry["name"]),
+                    root=fs.unstrip_protocol(root),
+                    format=fmt if fmt != "auto" else _infer_format(entry["name"]),
+                    size=int(entry.get("size") or 0),
+                )
+                for entry in entries
+                if _is_file(entry)
+            ),
+            key=lambda source: source.url,
+        )
+    # Backends raise OSError, their client's own errors, ValueError for an unknown protocol or
+    # ImportError for a missing package: translate them all, once, here.
+    except Exception as exc:
+        raise InputError(f"cannot list {pattern}: {_describe(exc, storage_options)}") from exc
+
+
+def _list(fs: AbstractFileSystem, path: str) -> tuple[str, Iterable[dict[str, Any]]]:
+    """The root that text-document ids are relative to, and the entries ``path`` names."""
+    if has_magic(path):
+        literal = itertools.takewhile(lambda part: not has_magic(part), path.split("/"))
+        return "/".join(literal) or fs.root_marker, fs.glob(path, detail=True).values()
+    try:
+        entry = fs.info(path)
+    except FileNotFoundError:
+        return posixpath.dirname(path), []
+    if entry["type"] == "directory":
+        return path, fs.find(path, detail=True).values()
+    return posixpath.dirname(path), [entry]
+
+
+def _is_file(entry: Mapping[str, Any]) -> bool:
+    # Object stores list "folder/" placeholder keys as files; no real file name ends with "/".
+    return entry["type"] == "file" and not entry["name"].endswith("/")
+
+
+def _infer_format(path: str) -> str:
+    stem, extension = posixpath.splitext(path.lower())
+    compressed = extension in _CODEC_BY_SUFFIX
+    if compressed:
+        extension = posixpath.splitext(stem)[1]
+    fmt = _FORMAT_BY_EXTENSION.get(extension, UNKNOWN_FORMAT)
+    return UNKNOWN_FORMAT if compressed and fmt not in _STREAMED_FORMATS else fmt
+
+
+# --- Reading -----------------------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class _Progress:
+    """How far a reader got, so that a file that breaks off is reported where it broke.
+
+    Readers set ``opened`` once the file is open and advance ``records`` to the position (line
+    or row number) of each line or row they consume. The text reader never touches it: a whole
+    file has no position.
+    """
+
+    opened: bool = False
+    records: int = 0
+
+    @property
+    def failed_at(self) -> int | None:
+        """The first position not read, or None when the file never opened."""
+        return self.records + 1 if self.opened else None
+
+
+_Reader = Callable[[SourceFile, InputConfig, _Progress], Iterator[RawRecord | Reject]]
+
+
+def read_records(source: SourceFile, cfg: InputConfig) -> Iterator[RawRecord | Reject]:
+    """Stream one file into raw records, with a reject for each part that cannot be read.
+
+    Records come out in file order with their 1-based line (JSONL) or data row (CSV, Parquet)
+    number. If the file fails part-way (corrupt compression, truncated Parquet, lost connection),
+    the records already read stand and a single ``unreadable_file`` reject at the first position
+    not read ends the file: the rest of the corpus is still read.
+    """
+    reader = _READERS.get(source.format)
+    if reader is None:
+        yield _reject(
+            source.url,
+            UNREADABLE_FILE,
+            "the file name does not say its format; set input.format to one of "
+            + ", ".join(sorted(_READERS)),
+        )
+        return
+    progress = _Progress()
+    try:
+        yield from reader(source, cfg, progress)
+    except Exception as exc:  # whatever goes wrong with one file is that file's reject
+        yield _reject(
+            format_source(source.url, progress.failed_at),
+            UNREADABLE_FILE,
+            _describe(exc, cfg.storage_options),
+        )
+
+
+def _read_jsonl(
+    source: SourceFile, cfg: InputConfig, progress: _Progress
+) -> Iterator[RawRecord | Reject]:
+    with _open(source, cfg) as f:
+        progress.opened = True
+        # Buffered, because zstandard's decompressing reader cannot iterate lines by itself.
+        for raw in io.BufferedReader(f):
+            progress.records += 1
+            if raw.strip():
+                yield _parse_json_line(raw, source.url, progress.records, cfg)
+
+
+def _parse_json_line(raw: bytes, url: str, line: int, cfg: InputConfig) -> RawRecord | Reject:
+    where = format_source(url, line)
+    try:
+        value = json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        return _reject(
+            where, INVALID_UTF8, f"line is not valid UTF-8: {exc.reason} at byte {exc.start}"
+        )
+    except json.JSONDecodeError as exc:
+        return _reject(
+            where, MALFORMED_RECORD, f"line is not valid JSON: {exc.msg} at column {exc.colno}"
+        )
+    except RecursionError:
+        return _reject(where, MALFORMED_RECORD, "line is not valid JSON: nested too deeply")
+    if not isinstance(value, dict):
+        kind = _JSON_TYPE_NAMES[type(value)]
+        return _reject(where, MALFORMED_RECORD, f"line is a JSON {kind}, not an object")
+    return _record(url, line, value, cfg)
+
+
+def _read_csv(
+    source: SourceFile, cfg: InputConfig, progress: _Progress
+) -> Iterator[RawRecord | Reject]:
+    csv.field_size_limit(_CSV_FIELD_LIMIT)
+    # surrogateescape keeps undecodable bytes as lone surrogates: a bad byte costs its row only.
+    with _open(
+        source, cfg, mode="rt", encoding=_UTF8_SKIPPING_BOM, errors="surrogateescape", newline=""
+    ) as f:
+        rows = csv.reader(f)
+        header = next(rows, [])
+        progress.opened = True
+        while True:
+            try:
+                row = next(rows)
+            except StopIteration:
+                return
+            except csv.Error as exc:
+                # The reader has consumed the bad line and starts afresh on the next call.
+                progress.records += 1
+                yield _reject(
+                    format_source(source.url, progress.records),
+                    MALFORMED_RECORD,
+                    f"row is not valid CSV: {exc}",
+                )
+                continue
+            if row:  # a blank line is not a row, as in csv.DictReader
+                progress.records += 1
+                yield _parse_csv_row(header, row, source.url, progress.records, cfg)
+
+
+def _parse_csv_row(
+    header: list[str], row: list[str], url: str, position: int, cfg: InputConfig
+) -> RawRecord | Reject:
+    where = format_source(url, position)
+    fields = dict(zip(header, row))
+    record_id = _shown_id(fields.get(cfg.id_field))
+    if len(row) > len(header):
+        return _reject(
+            where,
+            MALFORMED_RECORD,
+            f"row has {len(row)} fields but the header names {len(header)}",
+            record_id,
+        )
+    # Only the fields the pipeline uses: a stray byte in an ignored column costs nothing.
+    garbled = [name for name in _fields_read(cfg) if _has_undecodable(fields.get(name))]
+    if garbled:
+        return _reject(
+            where, INVALID_UTF8, f"not valid UTF-8 in field(s) {', '.join(garbled)}", record_id
+        )
+    return _record(url, position, fields, cfg)
+
+
+def _read_parquet(
+    source: SourceFile, cfg: InputConfig, progress: _Progress
+) -> Iterator[RawRecord | Reject]:
+    with _open(source, cfg) as f:
+        parquet = pq.ParquetFile(f)
+        present = set(parquet.schema_arrow.names)
+        # A column the file lacks reads as None, so the validate stage rejects (never drops) rows.
+        columns = [name for name in dict.fromkeys(_fields_read(cfg)) if name in present]
+        progress.opened = True
+        for batch in parquet.iter_batches(batch_size=_PARQUET_BATCH_ROWS, columns=columns):
+            first = progress.records + 1
+            progress.records += batch.num_rows
+            values = {name: batch.column(name).to_pylist() for name in columns}
+            absent = [None] * batch.num_rows
+            for position, doc_id, text, *metadata in zip(
+                range(first, first + batch.num_rows),
+                values.get(cfg.id_field, absent),
+                values.get(cfg.text_field, absent),
+                *(values.get(name, absent) for name in cfg.metadata_fields),
+            ):
+                yield RawRecord(
+                    source_url=source.url,
+                    position=position,
+                    doc_id=doc_id,
+                    text=text,
+                    metadata=tuple(zip(cfg.metadata_fields, metadata)),
+                )
+
+
+def _read_text(
+    source: SourceFile, cfg: InputConfig, progress: _Progress
+) -> Iterator[RawRecord | Reject]:
+    # One document per file, identified by its path below the pattern's root. It has no
+    # position, so ``progress`` stays unopened and a failure names the file alone.
+    doc_id = _relative_path(source.url, source.root)
+    with _open(source, cfg) as f:
+        data = f.read()
+    try:
+        text = data.decode(_UTF8_SKIPPING_BOM)
+    except UnicodeDecodeError as exc:
+        yield _reject(
+            source.url,
+            INVALID_UTF8,
+            f"file is not valid UTF-8: {exc.reason} at byte {exc.start}",
+            _shown_id(doc_id),
+        )
+        return
+    yield RawRecord(
+        source_url=source.url,
+        position=None,
+        doc_id=doc_id,
+        text=text,
+        metadata=tuple((name, None) for name in cfg.metadata_fields),
+    )
+
+
+_READERS: dict[str, _Reader] = {
+    "jsonl": _read_jsonl,
+    "csv": _read_csv,
+    "parquet": _read_parquet,
+    "text": _read_text,
+}
+
+
+def _open(source: SourceFile, cfg: InputConfig, mode: str = "rb", **text_options: str) -> OpenFile:
+    """Open a corpus file lazily, decompressing by its suffix when its format is streamed."""
+    codec = _codec(source.url) if source.format in _STREAMED_FORMATS else None
+    return fsspec.open(source.url, mode, compression=codec, **text_options, **cfg.storage_options)
+
+
+def _codec(url: str) -> str | None:
+    return _CODEC_BY_SUFFIX.get(posixpath.splitext(url.lower())[1])
+
+
+def _fields_read(cfg: InputConfig) -> tuple[str, ...]:
+    return (cfg.id_field, cfg.text_field, *cfg.metadata_fields)
+
+
+def _record(url: str, position: int, fields: Mapping[str, Any], cfg: InputConfig) -> RawRecord:
+    return RawRecord(
+        source_url=url,
+        position=position,
+        doc_id=fields.get(cfg.id_field),
+        text=fields.get(cfg.text_field),
+        metadata=tuple((name, fields.get(name)) for name in cfg.metadata_fields),
+    )
+
+
+def _relative_path(url: str, root: str) -> str:
+    """``url`` below ``root``, '/'-separated; both come from the same ``unstrip_protocol``."""
+    return url.removeprefix(root if root.endswith("/") else root + "/")
+
+
+def _has_undecodable(value: str | None) -> bool:
+    """Whether a surrogateescape-decoded value held bytes that are not UTF-8."""
+    if value is None:
+        return False
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
+
+
+def _shown_id(value: str | None) -> str | None:
+    """A record id fit for a reject row: non-empty and encodable, else None."""
+    return value if value and not _has_undecodable(value) else None
+
+
+def _reject(source: str, reason: str, detail: str, record_id: str | None = None) -> Reject:
+    return Reject(
+        id=record_id,
+        doc_id=record_id,
+        source=source,
+        stage=STAGE_READ,
+        reason=reason,
+        detail=detail,
+    )
+
+
+def _describe(exc: BaseException, storage_options: Mapping[str, Any]) -> str:
+    """``Type: message``, with every storage option value removed from the message.
+
+    Storage options may hold credentials, and backends echo their arguments in error messages.
+    """
+    message = redact(str(exc), *_strings_in(storage_options))
+    return f"{type(exc).__name__}: {message}" if message else type(exc).__name__
+
+
+def _strings_in(value: Any) -> Iterator[str]:
+    if isinstance(value, str):
+        yield value
+    elif isinstance(value, Mapping):
+        for item in value.values():
+            yield from _strings_in(item)
+    elif isinstance(value, (list, tuple)):
+        for item in value:
+            yield from _strings_in(item)
+
+
+# --- Beam --------------------------------------------------------------------------------------
+
+
+class MatchFilesFn(beam.DoFn):
+    """Expand one ``input.path`` pattern into its files; a pattern that names none is a reject.
+
+    Listing runs in the pipeline, on a worker, so that a launcher without access to the bucket
+    can still submit the job, and a large listing is not shipped inside the graph.
+    """
+
+    def __init__(self, cfg: InputConfig) -> None:
+        super().__init__()
+        self._cfg = cfg
+
+    def process(
+        self, pattern: str
+    ) -> Iterator[SourceFile | TaggedOutput[Literal["rejects"], Reject]]:
+        try:
+            files = expand_pattern(pattern, self._cfg.storage_options, self._cfg.format)
+        except InputError as exc:
+            yield TaggedOutput(REJECTS, _reject(pattern, UNREADABLE_FILE, str(exc)))
+            return
+        if not files:
+            yield TaggedOutput(
+                REJECTS,
+                _reject(
+                    pattern,
+                    NO_FILES_MATCHED,
+                    "no file matches this pattern; check input.path and input.storage_options",
+                ),
+            )
+        yield from files
+
+
+class ReadRecordsFn(beam.DoFn):
+    """Stream one file into raw records; its read rejects go to the ``rejects`` output."""
+
+    _files_read = Metrics.counter("embedpipe", "files_read")
+    _records_read = Metrics.counter("embedpipe", "records_read")
+
+    def __init__(self, cfg: InputConfig) -> None:
+        super().__init__()
+        self._cfg = cfg
+
+    def process(
+        self, source: SourceFile
+    ) -> Iterator[RawRecord | TaggedOutput[Literal["rejects"], Reject]]:
+        self._files_read.inc()
+        for item in read_records(source, self._cfg):
+            if isinstance(item, Reject):
+                yield TaggedOutput(REJECTS, item)
+            else:
+                self._records_read.inc()
+                yield item
+
+
+class ReadCorpus(beam.PTransform):
+    """Read every file that ``input.path`` names into raw records, and the read rejects.
+
+    Returns ``{"records": PCollection[RawRecord], "rejects": PCollection[Reject]}``. Files are
+    reshuffled after matching, so that a corpus of many files is read by many workers, each
+    streaming whole files.
+    """
+
+    def __init__(self, cfg: InputConfig) -> None:
+        super().__init__()
+        self._cfg = cfg
+
+    def expand(self, pbegin: PBegin) -> dict[str, PCollection]:
+        matched = (
+            pbegin
+            | "ListPatterns" >> beam.Create(self._cfg.paths)
+            | "MatchFiles"
+            >> beam.ParDo(MatchFilesFn(self._cfg)).with_outputs(REJECTS, main="files")
+        )
+        read = (
+            matched.files
+            | "SpreadFiles" >> beam.Reshuffle()
+            | "ReadRecords"
+            >> beam.ParDo(ReadRecordsFn(self._cfg)).with_outputs(REJECTS, main="records")
+        )
+        rejects = (matched[REJECTS], read[REJECTS]) | "MergeRejects" >> beam.Flatten()
+        return {"records": read.records, "rejects": rejects}
