@@ -1,0 +1,188 @@
+"""Token counting, one registry keyed by ``split.tokenizer``.
+
+The splitter needs two things from a tokenizer: an exact count for a piece of text (a chunk must
+never exceed ``split.max_tokens``), and where every token of a whole document starts (so it can
+find a cut by binary search instead of re-counting the document for every candidate). The bundler
+and ``embedpipe plan`` need only the count. :class:`Tokenizer` is that contract; the registry maps
+a config name to a lazily built implementation::
+
+    tokenizer = get_tokenizer("cl100k_base")   # in DoFn.setup, never in a constructor
+    tokenizer.count("hello world")             # 2
+
+A BPE tokenizer holds about 100 MB of vocabulary tables, so each is built once per worker process
+and cached in this module (:func:`get_tokenizer`). They pickle by name and unpickle to the cached
+instance, so one that slips into a DoFn's state costs a few bytes in the graph, not its tables.
+
+Lone surrogates (text decoded with ``surrogateescape`` or from a JSON ``"\\ud800"``) cannot be
+encoded as UTF-8; every tokenizer counts each one as U+FFFD. Replacing one code point by one code
+point keeps offsets valid for the original text.
+"""
+
+from __future__ import annotations
+
+import abc
+import functools
+import re
+import threading
+from collections.abc import Callable, Iterator
+
+import numpy as np
+import numpy.typing as npt
+
+from transforms.errors import ConfigError
+
+TokenOffsets = npt.NDArray[np.int64]
+"""Code point offset at which each token starts: 1-D, non-decreasing, ``[0]`` is 0."""
+
+CHARS_PER_TOKEN = 4
+"""The ``chars`` approximation: about four characters per token for English text."""
+
+# The bpe_openai encoder refuses a call of 1,000,000 characters or more, or of more than 200,000
+# tokens. A character is at most 4 UTF-8 bytes and a token at least one, so 50,000 characters pass.
+_SEGMENT_CHARS = 50_000
+
+_SURROGATES = re.compile("[\ud800-\udfff]")
+_UTF8_CONTINUATION_BYTES = bytes(range(0x80, 0xC0))
+
+
+class Tokenizer(abc.ABC):
+    """Counts tokens the way an embedding model will, and locates them in a text.
+
+    ``count`` is exact for the text given. ``token_offsets`` tokenizes a long text in segments, so
+    near a segment boundary it may differ from one-shot tokenization by a token: use it to
+    estimate where a budget ends, and ``count`` to check the text you finally keep.
+    """
+
+    name: str
+
+    @abc.abstractmethod
+    def count(self, text: str) -> int:
+        """Number of tokens ``text`` encodes to, for any length of text."""
+
+    @abc.abstractmethod
+    def token_offsets(self, text: str) -> TokenOffsets:
+        """Code point offset at which each token of ``text`` starts; empty for empty text.
+
+        A token that begins inside a multi-byte character (byte-level BPE splits rare characters
+        and emoji) reports the start of that character, so offsets may repeat.
+        """
+
+    def __reduce__(self) -> tuple[Callable[[str], Tokenizer], tuple[str]]:
+        return (get_tokenizer, (self.name,))
+
+
+class BpeTokenizer(Tokenizer):
+    """An OpenAI byte-pair encoding (``cl100k_base``, ``o200k_base``) from the offline
+    ``bpe_openai`` package: exact counts for OpenAI embedding models, no network access."""
+
+    def __init__(self, name: str) -> None:
+        import bpe_openai  # Deferred: the package and a vocabulary take ~1 s and ~100 MB to load.
+
+        self.name = name
+        self._encoding = bpe_openai.get_encoding(name)
+        token_bytes = self._encoding.token_byte_values()
+        # Per token id: how many characters it starts (its non-continuation bytes), and whether it
+        # begins inside a character. Offsets then follow from a cumulative sum, in numpy.
+        self._chars_started = np.fromiter(
+            (len(b.translate(None, _UTF8_CONTINUATION_BYTES)) for b in token_bytes),
+            dtype=np.int64,
+            count=len(token_bytes),
+        )
+        self._starts_mid_char = np.fromiter(
+            (bool(b) and 0x80 <= b[0] < 0xC0 for b in token_bytes),
+            dtype=np.int64,
+            count=len(token_bytes),
+        )
+
+    def count(self, text: str) -> int:
+        # The Rust backend counts without building a token list and has no length limit; the
+        # public encode_* calls have both.
+        return int(self._encoding._backend.count(_replace_surrogates(text)))
+
+    def token_offsets(self, text: str) -> TokenOffsets:
+        text = _replace_surrogates(text)
+        pieces = [np.zeros(0, dtype=np.int64)]
+        for start, end in _segments(text):
+            ids = np.asarray(self._encoding.encode_ordinary(text[start:end]), dtype=np.int64)
+            chars = self._chars_started[ids]
+            pieces.append(start + np.cumsum(chars) - chars - self._starts_mid_char[ids])
+        return np.concatenate(pieces)
+
+
+class CharTokenizer(Tokenizer):
+    """One token per :data:`CHARS_PER_TOKEN` characters, rounded up.
+
+    For providers whose tokenizer is unknown or not available offline. It is an approximation:
+    English runs near four characters per token, but code, CJK and emoji use more tokens per
+    character, so leave headroom under the provider's per-input limit when you choose it.
+    """
+
+    name = "chars"
+
+    def count(self, text: str) -> int:
+        return -(-len(text) // CHARS_PER_TOKEN)
+
+    def token_offsets(self, text: str) -> TokenOffsets:
+        return np.arange(0, len(text), CHARS_PER_TOKEN, dtype=np.int64)
+
+
+_FACTORIES: dict[str, Callable[[], Tokenizer]] = {
+    "cl100k_base": functools.partial(BpeTokenizer, "cl100k_base"),
+    "o200k_base": functools.partial(BpeTokenizer, "o200k_base"),
+    "chars": CharTokenizer,
+}
+
+TOKENIZER_NAMES: tuple[str, ...] = tuple(_FACTORIES)
+"""Valid values of ``split.tokenizer``."""
+
+# The per-process cache: one tokenizer per name, shared by every DoFn instance and thread.
+_LOADED: dict[str, Tokenizer] = {}
+_LOADED_LOCK = threading.Lock()
+
+
+def get_tokenizer(name: str) -> Tokenizer:
+    """The process-wide tokenizer called ``name``, built on first use.
+
+    Call it from ``DoFn.setup`` (or at the edge, for ``plan``), so workers load vocabularies
+    themselves instead of receiving them pickled through the graph.
+
+    Raises:
+        ConfigError: ``name`` is not one of :data:`TOKENIZER_NAMES`.
+    """
+    if name not in _FACTORIES:
+        raise ConfigError(
+            f"unknown tokenizer {name!r}; choose one of {', '.join(TOKENIZER_NAMES)}",
+            key="split.tokenizer",
+        )
+    with _LOADED_LOCK:
+        if name not in _LOADED:
+            _LOADED[name] = _FACTORIES[name]()
+        return _LOADED[name]
+
+
+def count_tokens(name: str, text: str) -> int:
+    """Tokens in ``text`` by the tokenizer called ``name``: a shorthand for the bundler and plan."""
+    return get_tokenizer(name).count(text)
+
+
+def _replace_surrogates(text: str) -> str:
+    return _SURROGATES.sub("\ufffd", text)
+
+
+def _segments(text: str) -> Iterator[tuple[int, int]]:
+    """``(start, end)`` pieces of at most :data:`_SEGMENT_CHARS` that the encoder accepts.
+
+    Each cut goes after a newline or else before a space, in the second half of the piece, where
+    the BPE pre-tokenizer would split anyway; so the pieces tokenize (almost always) exactly as
+    the whole text would. Text without either is cut at the size limit.
+    """
+    start = 0
+    while len(text) - start > _SEGMENT_CHARS:
+        half, limit = start + _SEGMENT_CHARS // 2, start + _SEGMENT_CHARS
+        newline = text.rfind("\n", half, limit)
+        space = text.rfind(" ", half, limit)
+        end = newline + 1 if newline != -1 else space if space != -1 else limit
+        yield start, end
+        start = end
+    if start < len(text):
+        yield start, len(text)
