@@ -25,7 +25,6 @@ import pytest
 import zstandard
 from apache_beam.options.pipeline_options import PipelineOptions
 from apache_beam.testing.util import assert_that, equal_to
-from moto.server import ThreadedMotoServer
 
 from pipeline.config import InputConfig
 from transforms import read
@@ -573,30 +572,6 @@ def test_read_corpus_reads_a_list_of_patterns_in_a_pipeline(tmp_path: Path) -> N
 
 
 # --- S3 ----------------------------------------------------------------------------------------
-
-
-@pytest.fixture
-def s3_options(monkeypatch: pytest.MonkeyPatch) -> Iterator[dict[str, Any]]:
-    """Storage options for a moto S3 server on loopback, with a bucket named ``corpus``."""
-    for name, value in {
-        "AWS_ACCESS_KEY_ID": "testing",
-        "AWS_SECRET_ACCESS_KEY": "testing",
-        "AWS_DEFAULT_REGION": "us-east-1",
-    }.items():
-        monkeypatch.setenv(name, value)
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    try:
-        host, port = server.get_host_and_port()
-        endpoint = f"http://{host}:{port}"
-        boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket="corpus")
-        yield {
-            "key": "testing",
-            "secret": "testing",
-            "client_kwargs": {"endpoint_url": endpoint, "region_name": "us-east-1"},
-        }
-    finally:
-        server.stop()
 
 
 def test_reads_from_s3(s3_options: dict[str, Any]) -> None:

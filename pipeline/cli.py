@@ -1,0 +1,107 @@
+"""The ``embedpipe`` command line (see the README and ``shared/design/contract.md``).
+
+::
+
+    embedpipe run    --config FILE [--input URL] [--output URL] [--set KEY=VALUE]... [BEAM OPTIONS]...
+    embedpipe serve-local [--host 127.0.0.1] [--port 8089] [--dim 256]
+
+Arguments ``run`` does not know are Beam pipeline options, passed to ``PipelineOptions`` as given.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+
+EXIT_CONFIG = 2
+
+
+class _DropNoise(logging.Filter):
+    """Beam logs an irrelevant warning about GCP client libraries at import time."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "apitools not found" not in record.getMessage()
+
+
+def _setup_logging(quiet: bool) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s",
+                                           "%H:%M:%S"))
+    handler.addFilter(_DropNoise())
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(logging.WARNING)
+    logging.getLogger("embedpipe").setLevel(logging.WARNING if quiet else logging.INFO)
+    logging.getLogger("transforms").setLevel(logging.WARNING if quiet else logging.INFO)
+
+
+def _config_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", required=True, help="YAML config file")
+    parser.add_argument("--input", help="override input.path (fsspec URL or glob)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[],
+                        metavar="KEY=VALUE", help="override a dotted config key (repeatable)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="embedpipe", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="embed a corpus (unknown options go to Beam)")
+    _config_args(run)
+    run.add_argument("--output", help="override output.path (fsspec URL)")
+    run.add_argument("--overwrite", action="store_true",
+                     help="replace an output that already holds a finished run")
+    run.add_argument("--quiet", action="store_true", help="no progress lines or summary")
+
+    serve = sub.add_parser("serve-local", help="run the embedded OpenAI-compatible server")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8089)
+    serve.add_argument("--dim", type=int, default=256)
+    serve.add_argument("--api-key-env", default=None,
+                       help="require the key held by this environment variable")
+    return parser
+
+
+def _load(args: argparse.Namespace):
+    from pipeline.config import load_config
+
+    overrides = list(args.overrides)
+    if args.input:
+        overrides.append(f"input.path={args.input}")
+    if getattr(args, "output", None):
+        overrides.append(f"output.path={args.output}")
+    if getattr(args, "overwrite", False):
+        overrides.append("output.overwrite=true")
+    return load_config(args.config, overrides)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if args.command != "run" and extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    _setup_logging(getattr(args, "quiet", False))
+
+    from transforms.errors import ConfigError
+
+    try:
+        if args.command == "serve-local":
+            from pipeline.local_server import serve_local_main
+
+            return serve_local_main(
+                ["--host", args.host, "--port", str(args.port), "--dim", str(args.dim)]
+                + (["--api-key-env", args.api_key_env] if args.api_key_env else [])
+            )
+        from pipeline.run import RunRequest, execute
+
+        return execute(RunRequest(cfg=_load(args), beam_args=extra, quiet=args.quiet))
+    except ConfigError as exc:
+        print(f"embedpipe: error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(main())

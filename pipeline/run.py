@@ -1,0 +1,232 @@
+"""``embedpipe run``: config → checks → pipeline options → graph → run → manifest → exit code.
+
+Exit codes (the contract): 0 every valid chunk was embedded; 1 the run finished but some chunks
+(or whole input files) failed, each one in ``rejects/``; 2 bad arguments or config, found before
+any API call; 3 aborted by a fatal provider answer, with the work already committed kept;
+4 the pipeline itself crashed (a bug or a runner failure): see the traceback.
+
+``run(argv=None, test_pipeline=None)`` lets tests inject a pipeline, as in dataflow-ml-starter.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import os
+import time
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+
+import apache_beam as beam
+import fsspec
+from apache_beam.options.pipeline_options import (
+    DirectOptions,
+    PipelineOptions,
+    StandardOptions,
+    WorkerOptions,
+)
+
+from pipeline.config import Config
+from pipeline.graph import RunContext, build_pipeline, embed_settings, output_spec, run_info
+from pipeline.report import print_summary
+from transforms.bundle import make_bundle
+from transforms.embed import BundleOutcome, EmbedSession
+from transforms.errors import ConfigError
+from transforms.manifest import (
+    STATUS_ABORTED,
+    STATUS_COMPLETE,
+    STATUS_PARTIAL,
+    build_manifest,
+    manifest_url,
+    read_manifest,
+    utc_now,
+    write_json_atomically,
+)
+from transforms.retry import RetryPolicy
+from transforms.types import PROVIDER_REJECTED, Chunk
+from transforms.write import USAGE, write_rows
+
+log = logging.getLogger("embedpipe")
+
+EXIT_OK = 0
+EXIT_FAILED_CHUNKS = 1
+EXIT_CONFIG = 2
+EXIT_FATAL_PROVIDER = 3
+EXIT_CRASHED = 4
+
+DEFAULT_RUNNER = "FnApiRunner"  # offline, in-process; never downloads a runner binary
+LOCAL_RUNNERS = {"fnapirunner", "directrunner", "bundlebaseddirectrunner", "switchingdirectrunner"}
+PREFLIGHT_TEXT = "embedpipe preflight"
+
+
+@dataclass
+class RunRequest:
+    """A parsed ``run`` command line."""
+
+    cfg: Config
+    beam_args: list[str] = field(default_factory=list)
+    quiet: bool = False
+
+
+def beam_options(beam_args: Sequence[str]) -> PipelineOptions:
+    """Beam options as given, with the offline default runner when none is named."""
+    args = list(beam_args)
+    if not any(a == "--runner" or a.startswith("--runner=") for a in args):
+        args.append(f"--runner={DEFAULT_RUNNER}")
+    return PipelineOptions(args)
+
+
+def is_local_runner(options: PipelineOptions) -> bool:
+    runner = options.view_as(StandardOptions).runner or DEFAULT_RUNNER
+    return str(runner).rsplit(".", 1)[-1].lower() in LOCAL_RUNNERS
+
+
+def resolve_workers(cfg: Config, options: PipelineOptions) -> int:
+    """Worker processes that share the rate budget: config, else derived from Beam options."""
+    if cfg.limits.workers != "auto":
+        return int(cfg.limits.workers)
+    direct = options.view_as(DirectOptions)
+    if is_local_runner(options):
+        if direct.direct_running_mode == "multi_processing":
+            return max(1, direct.direct_num_workers or 1)
+        return 1
+    worker = options.view_as(WorkerOptions)
+    for value in (worker.max_num_workers, worker.num_workers):
+        if value:
+            return int(value)
+    parallelism = options.get_all_options().get("parallelism")
+    return int(parallelism) if parallelism and int(parallelism) > 0 else 1
+
+
+def api_key_for(cfg: Config) -> str | None:
+    return os.environ.get(cfg.provider.api_key_env) if cfg.provider.api_key_env else None
+
+
+def prepare_output(cfg: Config) -> None:
+    """Refuse to overwrite a complete run; clear what an unfinished or aborted run left."""
+    out = cfg.output.path
+    storage = cfg.output.storage_options
+    manifest = read_manifest(out, storage)
+    if manifest and manifest.get("status") == STATUS_COMPLETE and not cfg.output.overwrite:
+        raise ConfigError(
+            f"{out} already holds a complete run ({manifest.get('run_id')}); pass --overwrite "
+            "to replace it or choose a new path",
+            key="output.path",
+        )
+    fs, root = fsspec.core.url_to_fs(out, **storage)
+    root = root.rstrip("/")
+    for name in ("vectors", "usage", "rejects", "_temporary", "manifest.json"):
+        if fs.exists(f"{root}/{name}"):
+            fs.rm(f"{root}/{name}", recursive=True)
+
+
+def preflight(cfg: Config, ctx: RunContext, api_key: str | None) -> BundleOutcome:
+    """One one-word request before anything starts, so a bad key, model or URL fails in seconds.
+
+    It goes through the same session as the pipeline (provider, limiter, classification) with a
+    short retry policy, and its usage row is written like any other: every HTTP attempt is
+    accounted for. A 429 or 503 that outlasts the short policy is let through; the pipeline has
+    the full retry policy.
+    """
+    settings = replace(
+        embed_settings(cfg, ctx), max_concurrency=1,
+        retry=RetryPolicy(max_attempts=3, max_wait_s=2.0, initial_wait_s=0.5),
+    )
+    session = EmbedSession(settings, api_key=api_key)
+    try:
+        chunk = Chunk(chunk_id="preflight#0", doc_id="preflight", chunk_index=0, char_start=0,
+                      char_end=len(PREFLIGHT_TEXT), n_tokens=2, content_sha256="",
+                      text=PREFLIGHT_TEXT, source="embedpipe preflight")
+        return session.embed_bundle(make_bundle((chunk,)))
+    finally:
+        session.close()
+
+
+def preflight_failure(cfg: Config, outcome: BundleOutcome) -> str | None:
+    """Why the preflight says the run cannot work, with what to check; None if it can."""
+    p = cfg.provider
+    last = outcome.usage[-1] if outcome.usage else None
+    status = last.http_status if last else None
+    if outcome.fatal is not None:
+        problem = outcome.fatal
+    elif outcome.rejects and (outcome.rejects[0].reason == PROVIDER_REJECTED or status is None):
+        problem = outcome.rejects[0].detail
+    else:
+        return None
+    hint = {
+        401: f"check the key in ${p.api_key_env}",
+        403: f"check that the key in ${p.api_key_env} may use model {p.model!r} and has quota",
+        404: f"check provider.base_url ({p.base_url}) and provider.model ({p.model!r})",
+        None: f"check that provider.base_url ({p.base_url}) is reachable from here",
+    }.get(status, "check the provider settings (model, dimensions) and the account's quota")
+    return f"{problem} — {hint}"
+
+
+def execute(
+    request: RunRequest, test_pipeline: beam.Pipeline | None = None
+) -> int:
+    """Run one job and return its exit code; prints the run summary."""
+    cfg = request.cfg
+    options = beam_options(request.beam_args)
+    api_key = api_key_for(cfg)
+    if cfg.provider.api_key_env and not api_key and is_local_runner(options):
+        raise ConfigError(
+            f"environment variable {cfg.provider.api_key_env} is not set; export the API key "
+            "there (or set provider.api_key_env: null for a server without authentication)",
+            key="provider.api_key_env",
+        )
+    prepare_output(cfg)
+    ctx = RunContext(
+        run_id=f"{dt.datetime.now(dt.timezone.utc):%Y%m%dT%H%M%SZ}-{uuid.uuid4().hex[:8]}",
+        started_at=utc_now(),
+        workers=resolve_workers(cfg, options),
+    )
+    spec = output_spec(cfg, ctx)
+    write_json_atomically(
+        manifest_url(cfg.output.path),
+        {"status": STATUS_PARTIAL, "run_id": ctx.run_id, "started_at": ctx.started_at,
+         "config": cfg.public_dict()},
+        cfg.output.storage_options,
+    )
+    if cfg.provider.preflight and (api_key or not cfg.provider.api_key_env):
+        outcome = preflight(cfg, ctx, api_key)
+        usage_file = write_rows(USAGE, outcome.usage, spec, name="part-preflight.parquet")
+        failure = preflight_failure(cfg, outcome)
+        if failure is not None:
+            log.error("embedpipe: %s", failure)
+            manifest = build_manifest(run_info(cfg, ctx), [usage_file], records_read=0,
+                                      documents_valid=0, chunks=0, fatal=[failure])
+            write_json_atomically(manifest_url(cfg.output.path), manifest,
+                                  cfg.output.storage_options)
+            return EXIT_FATAL_PROVIDER
+        ctx = replace(ctx, extra_files=(usage_file,))
+
+    t0 = time.monotonic()
+    pipeline = test_pipeline or beam.Pipeline(options=options)
+    build_pipeline(pipeline, cfg, ctx)
+    try:
+        result = pipeline.run()
+        result.wait_until_finish()
+    except Exception:
+        log.exception("embedpipe: the pipeline failed; nothing was committed for run %s",
+                      ctx.run_id)
+        return EXIT_CRASHED
+    wall_s = time.monotonic() - t0
+    manifest = read_manifest(cfg.output.path, cfg.output.storage_options) or {}
+    if manifest.get("run_id") != ctx.run_id or manifest.get("status") == STATUS_PARTIAL:
+        log.error("embedpipe: the pipeline finished but did not commit a manifest to %s",
+                  cfg.output.path)
+        return EXIT_CRASHED
+    if not request.quiet:
+        print_summary(manifest, cfg, wall_s)
+    return exit_code_for(manifest)
+
+
+def exit_code_for(manifest: dict) -> int:
+    if manifest.get("status") == STATUS_ABORTED:
+        return EXIT_FATAL_PROVIDER
+    counts = manifest.get("counts", {})
+    if counts.get("chunks_failed", 0) or counts.get("files_failed", 0):
+        return EXIT_FAILED_CHUNKS
+    return EXIT_OK

@@ -1,0 +1,386 @@
+"""The embed stage: bundles in, aligned vectors out, with rejects and one usage row per attempt.
+
+Beam calls ``process`` one element at a time, and on the FnApiRunner a whole stage's input is
+often one bundle, so concurrency cannot come from Beam. It lives here, per worker process:
+
+- one :class:`EmbedSession` per process and run (HTTP client, provider, rate limiter, thread
+  pool, abort flag), shared by every DoFn instance and thread through a documented module-level
+  registry, so the rate budget is not multiplied by the number of threads;
+- each DoFn keeps a window of at most ``limits.max_concurrency`` bundles in flight, yields
+  results as they complete, and waits for the rest in ``finish_bundle``; memory is bounded by
+  the window, not by the Beam bundle.
+
+Per request: the limiter admits it, the provider sends it, the retry policy retries transient
+failures. A per-input rejection bisects the bundle until the offending chunks are alone (only
+they are rejected, with the provider's message); a "too large" answer splits it and remembers the
+smaller size for later bundles; a fatal answer (bad key, no quota, unknown model) sets the
+session's abort flag: nothing more is sent, and every remaining chunk becomes an ``aborted``
+reject, so the run still commits what it finished and exits 3.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import os
+import socket
+import threading
+import time
+from collections import deque
+from collections.abc import Iterator, Sequence
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass, field
+
+import apache_beam as beam
+import httpx
+from apache_beam.transforms.window import GlobalWindows
+
+from pipeline.config import ProviderConfig
+from transforms.errors import (
+    FatalProviderError,
+    InputRejectedError,
+    ProviderError,
+    RateLimitedError,
+    RequestTooLargeError,
+    RetryableError,
+    redact,
+)
+from transforms.limits import MONOTONIC, Clock, RateLimiter, RateLimits
+from transforms.providers import get_provider_class
+from transforms.providers.base import EmbeddingResult, Provider
+from transforms.retry import RetryPolicy
+from transforms.types import (
+    ABORTED,
+    OUTCOME_FAILED,
+    OUTCOME_OK,
+    OUTCOME_RETRY,
+    PROVIDER_REJECTED,
+    RETRIES_EXHAUSTED,
+    STAGE_EMBED,
+    Bundle,
+    Chunk,
+    EmbeddedBatch,
+    Reject,
+    UsageRecord,
+)
+
+log = logging.getLogger(__name__)
+
+TAG_REJECTS = "rejects"
+TAG_USAGE = "usage"
+TAG_FATAL = "fatal"
+
+
+@dataclass(frozen=True, slots=True)
+class EmbedSettings:
+    """Everything a worker needs to embed, and nothing secret: the key is read on the worker."""
+
+    run_id: str
+    provider: ProviderConfig
+    limits: RateLimits  # this worker's share
+    max_concurrency: int
+    retry: RetryPolicy
+
+
+@dataclass
+class BundleOutcome:
+    """What one bundle produced; filled by one thread, then emitted by the DoFn."""
+
+    batches: list[EmbeddedBatch] = field(default_factory=list)
+    rejects: list[Reject] = field(default_factory=list)
+    usage: list[UsageRecord] = field(default_factory=list)
+    fatal: str | None = None
+
+
+class EmbedSession:
+    """The per-process embedding machinery for one run. Thread-safe; see the module docstring."""
+
+    def __init__(
+        self,
+        settings: EmbedSettings,
+        *,
+        api_key: str | None,
+        clock: Clock = MONOTONIC,
+        transport: httpx.BaseTransport | None = None,
+    ) -> None:
+        self.settings = settings
+        self.provider: Provider = get_provider_class(settings.provider.kind)(settings.provider)
+        self.limiter = RateLimiter(settings.limits, clock=clock)
+        self.clock = clock
+        self._api_key = api_key
+        self._client = httpx.Client(
+            timeout=httpx.Timeout(settings.provider.timeout_s, connect=min(10.0, settings.provider.timeout_s)),
+            limits=httpx.Limits(max_connections=settings.max_concurrency,
+                                max_keepalive_connections=settings.max_concurrency),
+            transport=transport,
+        )
+        self._executor = ThreadPoolExecutor(
+            max_workers=settings.max_concurrency, thread_name_prefix="embedpipe-embed"
+        )
+        self._abort_lock = threading.Lock()
+        self._abort_message: str | None = None
+        self._fatal_reported = False
+        # Largest request the server accepted after a "too large" answer (learned, shrinks only).
+        self._max_inputs = settings.provider.max_inputs_per_request
+        self.worker = f"{socket.gethostname()}:{os.getpid()}"
+        if settings.provider.api_key_env and not api_key:
+            self._abort(
+                f"environment variable {settings.provider.api_key_env} is not set on worker "
+                f"{self.worker}; export it where the pipeline runs "
+                "(or set provider.api_key_env: null for a server without authentication)"
+            )
+
+    # -- lifecycle --------------------------------------------------------------------------
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=True)
+        self._client.close()
+
+    @property
+    def aborted(self) -> bool:
+        return self._abort_message is not None
+
+    def submit(self, bundle: Bundle) -> Future[BundleOutcome]:
+        return self._executor.submit(self.embed_bundle, bundle)
+
+    # -- one bundle -------------------------------------------------------------------------
+
+    def embed_bundle(self, bundle: Bundle) -> BundleOutcome:
+        out = BundleOutcome()
+        step = self._max_inputs
+        for start in range(0, len(bundle.chunks), step):
+            self._embed_span(bundle, start, bundle.chunks[start : start + step], out)
+        with self._abort_lock:
+            if self._abort_message is not None and not self._fatal_reported:
+                self._fatal_reported = True
+                out.fatal = self._abort_message
+        return out
+
+    def _embed_span(
+        self, bundle: Bundle, offset: int, chunks: Sequence[Chunk], out: BundleOutcome
+    ) -> None:
+        """Embed ``chunks`` (a span of ``bundle``), bisecting on per-input or size errors."""
+        if self._abort_message is not None:
+            out.rejects.extend(_reject(c, ABORTED, self._abort_message, 0) for c in chunks)
+            return
+        try:
+            result = self._request(bundle, offset, chunks, out)
+        except FatalProviderError as exc:
+            message = self._abort(f"the provider refused the run: {self._describe(exc)}")
+            out.rejects.extend(_reject(c, ABORTED, message, 1) for c in chunks)
+            return
+        except RetryableError as exc:
+            detail = f"gave up after {self.settings.retry.max_attempts} attempts: {self._describe(exc)}"
+            out.rejects.extend(
+                _reject(c, RETRIES_EXHAUSTED, detail, self.settings.retry.max_attempts)
+                for c in chunks
+            )
+            return
+        except (InputRejectedError, RequestTooLargeError) as exc:
+            if len(chunks) == 1:
+                out.rejects.append(_reject(chunks[0], PROVIDER_REJECTED, self._describe(exc), 1))
+                return
+            if isinstance(exc, RequestTooLargeError):
+                self._max_inputs = max(1, min(self._max_inputs, len(chunks) // 2))
+            half = len(chunks) // 2
+            self._embed_span(bundle, offset, chunks[:half], out)
+            self._embed_span(bundle, offset + half, chunks[half:], out)
+            return
+        out.batches.append(
+            EmbeddedBatch(chunks=tuple(chunks), model=self.settings.provider.model,
+                          vectors=result.vectors)
+        )
+
+    def _request(
+        self, bundle: Bundle, offset: int, chunks: Sequence[Chunk], out: BundleOutcome
+    ) -> EmbeddingResult:
+        """One logical request with retries; appends a usage row per HTTP attempt."""
+        texts = [c.text for c in chunks]
+        est_tokens = sum(c.n_tokens for c in chunks)
+        policy = self.settings.retry
+        for attempt in policy.retrying(sleep=self.clock.sleep):
+            with attempt:
+                number = attempt.retry_state.attempt_number
+                request_id = f"{bundle.bundle_id}:{offset}+{len(chunks)}:{number}"
+                charged = self.limiter.charge_for(est_tokens)
+                self.limiter.acquire(charged)
+                started = dt.datetime.now(dt.timezone.utc)
+                t0 = time.perf_counter()
+                try:
+                    result = self.provider.embed(self._client, texts, self._api_key, est_tokens)
+                except ProviderError as exc:
+                    self.limiter.refund(charged)
+                    if isinstance(exc, RateLimitedError):
+                        self.limiter.on_throttle(exc.retry_after_s)
+                    will_retry = isinstance(exc, RetryableError) and number < policy.max_attempts
+                    out.usage.append(self._usage(
+                        request_id, exc.provider_request_id, len(chunks), 0, 0, True, number,
+                        exc.http_status, OUTCOME_RETRY if will_retry else OUTCOME_FAILED,
+                        self._describe(exc), t0, started,
+                    ))
+                    raise
+                self.limiter.settle(
+                    charged, est_tokens, None if result.tokens_estimated else result.prompt_tokens
+                )
+                self.limiter.on_success()
+                hint = result.rate_hint
+                if hint is not None:
+                    self.limiter.on_hint(hint.remaining_requests, hint.remaining_tokens,
+                                         max(hint.reset_requests_s or 0, hint.reset_tokens_s or 0) or None)
+                out.usage.append(self._usage(
+                    request_id, result.provider_request_id, len(chunks), result.prompt_tokens,
+                    result.total_tokens, result.tokens_estimated, number, result.http_status,
+                    OUTCOME_OK, None, t0, started,
+                ))
+                return result
+        raise AssertionError("unreachable: tenacity re-raises the last error")  # pragma: no cover
+
+    # -- helpers ----------------------------------------------------------------------------
+
+    def _abort(self, message: str) -> str:
+        with self._abort_lock:
+            if self._abort_message is None:
+                self._abort_message = redact(message, self._api_key)
+                log.error("embedpipe: aborting the run: %s", self._abort_message)
+            return self._abort_message
+
+    def _describe(self, exc: ProviderError) -> str:
+        return redact(exc.describe(), self._api_key)
+
+    def _usage(
+        self, request_id: str, provider_request_id: str | None, n_inputs: int,
+        prompt_tokens: int, total_tokens: int, estimated: bool, attempt: int,
+        http_status: int | None, outcome: str, error: str | None, t0: float,
+        started: dt.datetime,
+    ) -> UsageRecord:
+        return UsageRecord(
+            request_id=request_id,
+            provider_request_id=provider_request_id,
+            model=self.settings.provider.model,
+            n_inputs=n_inputs,
+            prompt_tokens=prompt_tokens,
+            total_tokens=total_tokens,
+            tokens_estimated=estimated,
+            attempt=attempt,
+            http_status=http_status,
+            outcome=outcome,
+            error=error,
+            latency_ms=(time.perf_counter() - t0) * 1000.0,
+            started_at=started,
+            worker=self.worker,
+        )
+
+
+def _reject(chunk: Chunk, reason: str, detail: str, attempts: int) -> Reject:
+    return Reject(
+        id=chunk.chunk_id,
+        doc_id=chunk.doc_id,
+        source=chunk.source,
+        stage=STAGE_EMBED,
+        reason=reason,
+        detail=detail,
+        attempts=attempts,
+    )
+
+
+# -- the per-process session registry --------------------------------------------------------
+#
+# Deliberate module-level state: one EmbedSession per (process, run), created lazily by the first
+# DoFn that needs it and closed when the last one is torn down. Keyed by run id so that several
+# runs in one process (tests, notebooks) never share a limiter or an abort flag.
+
+_SESSIONS: dict[str, tuple[EmbedSession, int]] = {}
+_SESSIONS_LOCK = threading.Lock()
+
+
+def acquire_session(settings: EmbedSettings) -> EmbedSession:
+    with _SESSIONS_LOCK:
+        session, users = _SESSIONS.get(settings.run_id, (None, 0))
+        if session is None:
+            key_env = settings.provider.api_key_env
+            session = EmbedSession(settings, api_key=os.environ.get(key_env) if key_env else None)
+        _SESSIONS[settings.run_id] = (session, users + 1)
+        return session
+
+
+def release_session(settings: EmbedSettings) -> None:
+    with _SESSIONS_LOCK:
+        session, users = _SESSIONS.get(settings.run_id, (None, 0))
+        if session is None:
+            return
+        if users <= 1:
+            del _SESSIONS[settings.run_id]
+            session.close()
+        else:
+            _SESSIONS[settings.run_id] = (session, users - 1)
+
+
+# -- the Beam side ----------------------------------------------------------------------------
+
+
+class EmbedBundlesFn(beam.DoFn):
+    """Keeps up to ``max_concurrency`` bundles in flight on the process's session."""
+
+    def __init__(self, settings: EmbedSettings) -> None:
+        self.settings = settings
+        self._session: EmbedSession | None = None
+        self._inflight: deque[Future[BundleOutcome]] = deque()
+
+    def setup(self) -> None:
+        self._session = acquire_session(self.settings)
+
+    def start_bundle(self) -> None:
+        self._inflight = deque()
+
+    def process(self, bundle: Bundle) -> Iterator[object]:
+        assert self._session is not None
+        self._inflight.append(self._session.submit(bundle))
+        while len(self._inflight) >= self.settings.max_concurrency:
+            done, _ = wait(self._inflight, return_when=FIRST_COMPLETED)
+            for future in done:
+                self._inflight.remove(future)
+                yield from _outputs(future.result())
+
+    def finish_bundle(self) -> Iterator[object]:
+        window = GlobalWindows.windowed_value
+        while self._inflight:
+            for output in _outputs(self._inflight.popleft().result()):
+                if isinstance(output, beam.pvalue.TaggedOutput):
+                    yield beam.pvalue.TaggedOutput(output.tag, window(output.value))
+                else:
+                    yield window(output)
+
+    def teardown(self) -> None:
+        if self._session is not None:
+            release_session(self.settings)
+            self._session = None
+
+
+def _outputs(outcome: BundleOutcome) -> Iterator[object]:
+    yield from outcome.batches
+    for reject in outcome.rejects:
+        yield beam.pvalue.TaggedOutput(TAG_REJECTS, reject)
+    for usage in outcome.usage:
+        yield beam.pvalue.TaggedOutput(TAG_USAGE, usage)
+    if outcome.fatal is not None:
+        yield beam.pvalue.TaggedOutput(TAG_FATAL, outcome.fatal)
+
+
+class EmbedBundles(beam.PTransform):
+    """``Bundle`` → ``{"vectors": EmbeddedBatch, "rejects", "usage", "fatal": str}``."""
+
+    def __init__(self, settings: EmbedSettings) -> None:
+        super().__init__()
+        self.settings = settings
+
+    def expand(self, bundles: beam.PCollection) -> dict[str, beam.PCollection]:
+        results = bundles | "CallProvider" >> beam.ParDo(EmbedBundlesFn(self.settings)).with_outputs(
+            TAG_REJECTS, TAG_USAGE, TAG_FATAL, main="vectors"
+        )
+        return {
+            "vectors": results.vectors,
+            "rejects": results[TAG_REJECTS],
+            "usage": results[TAG_USAGE],
+            "fatal": results[TAG_FATAL],
+        }
+

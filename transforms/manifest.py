@@ -1,0 +1,130 @@
+"""The manifest: the last file of a run, and its commit marker.
+
+``manifest.json`` is written once at the start with status ``partial`` and replaced, atomically,
+by the final singleton step after every shard is committed, with status ``complete`` (or
+``aborted`` after a fatal provider answer). Readers and ``embedpipe verify`` trust an output only
+when its manifest says ``complete``; the file list in it is authoritative: a shard that is not
+listed (left by a crashed attempt) is not part of the output.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+from collections import Counter
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import fsspec
+
+from transforms.types import NO_FILES_MATCHED, STAGE_EMBED, UNREADABLE_FILE, WrittenFile
+
+STATUS_PARTIAL = "partial"
+STATUS_COMPLETE = "complete"
+STATUS_ABORTED = "aborted"
+
+MANIFEST_NAME = "manifest.json"
+
+#: Reject reasons that concern a whole input file or pattern rather than one record.
+FILE_LEVEL_REASONS = frozenset({UNREADABLE_FILE, NO_FILES_MATCHED})
+
+
+@dataclass(frozen=True, slots=True)
+class RunInfo:
+    """What the launcher knows about a run; shipped to the manifest step (no secrets)."""
+
+    run_id: str
+    started_at: str
+    output_path: str
+    storage_options: tuple[tuple[str, Any], ...]
+    config: str  # the public config, as JSON text (frozen and hashable)
+    provider: str
+    model: str
+    dimensions: int | None
+
+
+def utc_now() -> str:
+    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="milliseconds")
+
+
+def build_manifest(
+    run: RunInfo,
+    files: Iterable[WrittenFile],
+    *,
+    records_read: int,
+    documents_valid: int,
+    chunks: int,
+    fatal: list[str],
+) -> dict[str, Any]:
+    """The final manifest, computed from the files actually committed."""
+    files = sorted(files, key=lambda f: (f.kind, f.path))
+    totals: dict[str, Counter[str]] = {}
+    rows: Counter[str] = Counter()
+    for f in files:
+        totals.setdefault(f.kind, Counter()).update(dict(f.stats))
+        rows[f.kind] += f.rows
+    rejects = totals.get("rejects", Counter())
+    usage = totals.get("usage", Counter())
+    by_reason = {k.split(":", 1)[1]: v for k, v in rejects.items() if k.startswith("reason:")}
+    file_level = sum(v for r, v in by_reason.items() if r in FILE_LEVEL_REASONS)
+    chunks_failed = rejects.get(f"stage:{STAGE_EMBED}", 0)
+    record_rejects = rows["rejects"] - chunks_failed - file_level
+    dims = sorted(int(k.split(":", 1)[1]) for k in totals.get("vectors", Counter()) if k.startswith("dim:"))
+    return {
+        "status": STATUS_ABORTED if fatal else STATUS_COMPLETE,
+        "run_id": run.run_id,
+        "started_at": run.started_at,
+        "finished_at": utc_now(),
+        "provider": run.provider,
+        "model": run.model,
+        "dimensions": dims[0] if len(dims) == 1 else (run.dimensions if not dims else dims),
+        "error": fatal[0] if fatal else None,
+        "counts": {
+            # Every record seen: the valid ones plus those rejected while reading or validating.
+            "documents_read": records_read + rejects.get("stage:read", 0) - file_level,
+            "documents_rejected": record_rejects,
+            "documents_valid": documents_valid,
+            "files_failed": file_level,
+            "chunks": chunks,
+            "chunks_embedded": rows["vectors"],
+            "chunks_failed": chunks_failed,
+            "requests": usage.get("requests", 0),
+            "retries": usage.get("retries", 0),
+            "throttled": usage.get("throttled", 0),
+        },
+        "rejects_by_reason": dict(sorted(by_reason.items())),
+        "usage": {
+            "prompt_tokens": usage.get("prompt_tokens", 0),
+            "total_tokens": usage.get("total_tokens", 0),
+        },
+        "config": json.loads(run.config),
+        "files": [{"kind": f.kind, "path": f.path, "rows": f.rows} for f in files],
+    }
+
+
+def write_json_atomically(url: str, data: dict[str, Any],
+                          storage_options: dict[str, Any] | None = None) -> None:
+    """Write ``data`` to a temporary name beside ``url`` and move it into place."""
+    fs, path = fsspec.core.url_to_fs(url, **(storage_options or {}))
+    parent = path.rsplit("/", 1)[0]
+    fs.makedirs(parent, exist_ok=True)
+    tmp = f"{parent}/.{path.rsplit('/', 1)[1]}.tmp"
+    with fs.open(tmp, "w", encoding="utf-8") as handle:
+        json.dump(data, handle, indent=2, sort_keys=False, default=str)
+        handle.write("\n")
+    fs.mv(tmp, path)
+
+
+def read_manifest(output_url: str, storage_options: dict[str, Any] | None = None) -> dict | None:
+    """The manifest of an output, or None when there is none."""
+    fs, root = fsspec.core.url_to_fs(output_url, **(storage_options or {}))
+    path = f"{root.rstrip('/')}/{MANIFEST_NAME}"
+    if not fs.exists(path):
+        return None
+    with fs.open(path, "r", encoding="utf-8") as handle:
+        return json.load(handle)
+
+
+def manifest_url(output_url: str) -> str:
+    return f"{output_url.rstrip('/')}/{MANIFEST_NAME}"

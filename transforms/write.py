@@ -1,0 +1,291 @@
+"""The write stage: vectors, usage and rejects to Parquet shards, each committed atomically.
+
+Each writer DoFn streams rows into a ``pyarrow.parquet.ParquetWriter`` on a temporary file under
+``OUTPUT/_temporary/RUN_ID/``, in row groups of at most :data:`ROW_GROUP_ROWS`, so memory is
+bounded by one row group and not by ``output.rows_per_file``. When a file reaches
+``rows_per_file`` (or the Beam bundle ends) it is closed and moved to its final name
+``OUTPUT/KIND/part-*.parquet``, and a :class:`~transforms.types.WrittenFile` with its row count
+and per-file aggregates goes to the manifest step. No file appears under its final name before
+it is whole; on object stores the manifest, written last, is the commit marker.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections import Counter
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import apache_beam as beam
+import fsspec
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+from apache_beam.transforms.window import GlobalWindows
+
+from transforms.types import (
+    OUTCOME_OK,
+    OUTCOME_RETRY,
+    EmbeddedBatch,
+    Reject,
+    UsageRecord,
+    WrittenFile,
+)
+
+ROW_GROUP_ROWS = 8192
+
+KIND_VECTORS = "vectors"
+KIND_USAGE = "usage"
+KIND_REJECTS = "rejects"
+
+REJECTS_SCHEMA = pa.schema([
+    ("id", pa.string()),
+    ("doc_id", pa.string()),
+    ("source", pa.string()),
+    ("stage", pa.string()),
+    ("reason", pa.string()),
+    ("detail", pa.string()),
+    ("attempts", pa.int32()),
+])
+
+USAGE_SCHEMA = pa.schema([
+    ("request_id", pa.string()),
+    ("provider_request_id", pa.string()),
+    ("model", pa.string()),
+    ("n_inputs", pa.int32()),
+    ("prompt_tokens", pa.int64()),
+    ("total_tokens", pa.int64()),
+    ("tokens_estimated", pa.bool_()),
+    ("attempt", pa.int32()),
+    ("http_status", pa.int32()),
+    ("outcome", pa.string()),
+    ("error", pa.string()),
+    ("latency_ms", pa.float64()),
+    ("started_at", pa.timestamp("us", tz="UTC")),
+    ("worker", pa.string()),
+])
+
+
+@dataclass(frozen=True, slots=True)
+class OutputSpec:
+    """Where and how a run writes; picklable, shipped to the writer DoFns."""
+
+    path: str
+    storage_options: tuple[tuple[str, Any], ...]
+    run_id: str
+    rows_per_file: int
+    include_text: bool
+    metadata_fields: tuple[str, ...]
+
+    def filesystem(self) -> tuple[fsspec.AbstractFileSystem, str]:
+        fs, root = fsspec.core.url_to_fs(self.path, **dict(self.storage_options))
+        return fs, root.rstrip("/")
+
+
+# -- rows → Arrow ------------------------------------------------------------------------------
+
+
+def vectors_table(batches: Sequence[EmbeddedBatch], spec: OutputSpec) -> pa.Table:
+    """One row per chunk; the embedding column is ``fixed_size_list<float32>[dim]``."""
+    chunks = [c for b in batches for c in b.chunks]
+    matrix = np.vstack([b.vectors for b in batches]).astype(np.float32, copy=False)
+    dim = matrix.shape[1]
+    columns: dict[str, pa.Array] = {
+        "id": pa.array([c.chunk_id for c in chunks], pa.string()),
+        "doc_id": pa.array([c.doc_id for c in chunks], pa.string()),
+        "chunk_index": pa.array([c.chunk_index for c in chunks], pa.int32()),
+        "char_start": pa.array([c.char_start for c in chunks], pa.int64()),
+        "char_end": pa.array([c.char_end for c in chunks], pa.int64()),
+        "n_tokens": pa.array([c.n_tokens for c in chunks], pa.int32()),
+        "content_sha256": pa.array([c.content_sha256 for c in chunks], pa.string()),
+    }
+    if spec.include_text:
+        columns["text"] = pa.array([c.text for c in chunks], pa.string())
+    columns["model"] = pa.array([b.model for b in batches for _ in b.chunks], pa.string())
+    columns["embedding"] = pa.FixedSizeListArray.from_arrays(
+        pa.array(np.ascontiguousarray(matrix).reshape(-1), pa.float32()), dim
+    )
+    for position, name in enumerate(spec.metadata_fields):
+        if name in columns:
+            continue  # a metadata field never shadows a contract column
+        columns[name] = metadata_array([c.metadata[position][1] for c in chunks])
+    return pa.table(columns)
+
+
+def metadata_array(values: list[Any]) -> pa.Array:
+    """Metadata "as read"; a column whose values Arrow cannot unify is written as JSON text."""
+    try:
+        arr = pa.array(values)
+    except (pa.ArrowInvalid, pa.ArrowTypeError):
+        return pa.array([None if v is None else json.dumps(v, default=str) for v in values],
+                        pa.string())
+    return arr.cast(pa.string()) if pa.types.is_null(arr.type) else arr
+
+
+def rejects_table(rejects: Sequence[Reject], spec: OutputSpec) -> pa.Table:
+    return pa.Table.from_pylist(
+        [{f.name: getattr(r, f.name) for f in REJECTS_SCHEMA} for r in rejects], REJECTS_SCHEMA
+    )
+
+
+def usage_table(rows: Sequence[UsageRecord], spec: OutputSpec) -> pa.Table:
+    return pa.Table.from_pylist(
+        [{f.name: getattr(u, f.name) for f in USAGE_SCHEMA} for u in rows], USAGE_SCHEMA
+    )
+
+
+# -- per-file aggregates for the manifest -------------------------------------------------------
+
+
+def vectors_stats(table: pa.Table) -> Counter[str]:
+    return Counter({f"dim:{table.schema.field('embedding').type.list_size}": 1})
+
+
+def rejects_stats(table: pa.Table) -> Counter[str]:
+    stats: Counter[str] = Counter()
+    for column in ("reason", "stage"):
+        for value, count in Counter(table.column(column).to_pylist()).items():
+            stats[f"{column}:{value}"] += count
+    return stats
+
+
+def usage_stats(table: pa.Table) -> Counter[str]:
+    ok = pc.equal(table.column("outcome"), OUTCOME_OK)
+    return Counter({
+        "requests": table.num_rows,
+        "ok": int(pc.sum(ok).as_py() or 0),
+        "retries": int(pc.sum(pc.equal(table.column("outcome"), OUTCOME_RETRY)).as_py() or 0),
+        "throttled": int(pc.sum(pc.equal(table.column("http_status"), 429)).as_py() or 0),
+        "prompt_tokens": int(pc.sum(pc.filter(table.column("prompt_tokens"), ok)).as_py() or 0),
+        "total_tokens": int(pc.sum(pc.filter(table.column("total_tokens"), ok)).as_py() or 0),
+    })
+
+
+@dataclass(frozen=True, slots=True)
+class ShardKind:
+    """How one output kind turns elements into Arrow and aggregates a file."""
+
+    name: str
+    to_table: Callable[[Sequence[Any], OutputSpec], pa.Table]
+    rows_of: Callable[[Any], int]
+    stats: Callable[[pa.Table], Counter[str]]
+
+
+VECTORS = ShardKind(KIND_VECTORS, vectors_table, len, vectors_stats)
+REJECTS = ShardKind(KIND_REJECTS, rejects_table, lambda _: 1, rejects_stats)
+USAGE = ShardKind(KIND_USAGE, usage_table, lambda _: 1, usage_stats)
+
+
+# -- the writer ---------------------------------------------------------------------------------
+
+
+class _OpenShard:
+    """A Parquet file being written under its temporary name."""
+
+    def __init__(self, fs: fsspec.AbstractFileSystem, tmp_path: str, final_path: str,
+                 schema: pa.Schema) -> None:
+        self.fs = fs
+        self.tmp_path = tmp_path
+        self.final_path = final_path
+        self.schema = schema
+        self.rows = 0
+        self.stats: Counter[str] = Counter()
+        self._handle = fs.open(tmp_path, "wb")
+        self._writer = pq.ParquetWriter(self._handle, schema, compression="zstd")
+
+    def write(self, table: pa.Table, stats: Counter[str]) -> None:
+        self._writer.write_table(table, row_group_size=ROW_GROUP_ROWS)
+        self.rows += table.num_rows
+        self.stats.update(stats)
+
+    def commit(self, kind: str) -> WrittenFile:
+        self._writer.close()
+        self._handle.close()
+        self.fs.mv(self.tmp_path, self.final_path)
+        return WrittenFile(kind=kind, path=self.final_path, rows=self.rows,
+                           stats=tuple(sorted(self.stats.items())))
+
+
+class _WriteShardsFn(beam.DoFn):
+    def __init__(self, kind: ShardKind, spec: OutputSpec) -> None:
+        self.kind = kind
+        self.spec = spec
+
+    def setup(self) -> None:
+        self._fs, self._root = self.spec.filesystem()
+
+    def start_bundle(self) -> None:
+        self._buffer: list[Any] = []
+        self._buffered_rows = 0
+        self._shard: _OpenShard | None = None
+
+    def process(self, element: Any) -> Iterator[WrittenFile]:
+        self._buffer.append(element)
+        self._buffered_rows += self.kind.rows_of(element)
+        if self._buffered_rows >= min(ROW_GROUP_ROWS, self.spec.rows_per_file):
+            yield from self._drain()
+
+    def finish_bundle(self) -> Iterator[object]:
+        done = list(self._drain())
+        if self._shard is not None:
+            done.append(self._shard.commit(self.kind.name))
+            self._shard = None
+        for written in done:
+            yield GlobalWindows.windowed_value(written)
+
+    def _drain(self) -> Iterator[WrittenFile]:
+        if not self._buffer:
+            return
+        table = self.kind.to_table(self._buffer, self.spec)
+        self._buffer, self._buffered_rows = [], 0
+        while table.num_rows:
+            if self._shard is not None and not table.schema.equals(self._shard.schema):
+                yield self._shard.commit(self.kind.name)  # metadata types changed: new file
+                self._shard = None
+            if self._shard is None:
+                self._shard = self._open(table.schema)
+            room = self.spec.rows_per_file - self._shard.rows
+            part, table = table.slice(0, room), table.slice(room)
+            self._shard.write(part, self.kind.stats(part))
+            if self._shard.rows >= self.spec.rows_per_file:
+                yield self._shard.commit(self.kind.name)
+                self._shard = None
+
+    def _open(self, schema: pa.Schema) -> _OpenShard:
+        name = f"part-{uuid.uuid4().hex[:20]}.parquet"
+        tmp = f"{self._root}/_temporary/{self.spec.run_id}/{self.kind.name}-{name}"
+        final = f"{self._root}/{self.kind.name}/{name}"
+        self._fs.makedirs(f"{self._root}/_temporary/{self.spec.run_id}", exist_ok=True)
+        self._fs.makedirs(f"{self._root}/{self.kind.name}", exist_ok=True)
+        return _OpenShard(self._fs, tmp, final, schema)
+
+
+class WriteShards(beam.PTransform):
+    """Elements of one kind → committed Parquet files (``WrittenFile`` records)."""
+
+    def __init__(self, kind: ShardKind, spec: OutputSpec) -> None:
+        super().__init__()
+        self.kind = kind
+        self.spec = spec
+
+    def expand(self, elements: beam.PCollection) -> beam.PCollection:
+        return elements | "WriteParquet" >> beam.ParDo(_WriteShardsFn(self.kind, self.spec))
+
+
+def write_rows(kind: ShardKind, rows: Sequence[Any], spec: OutputSpec, *, name: str) -> WrittenFile:
+    """Write ``rows`` as one file named ``name`` outside the pipeline (launcher, commit step).
+
+    With no rows it writes an empty file with the kind's schema, so that ``KIND/*.parquet``
+    always matches at least one file for readers such as DuckDB.
+    """
+    fs, root = spec.filesystem()
+    fs.makedirs(f"{root}/{kind.name}", exist_ok=True)
+    fs.makedirs(f"{root}/_temporary/{spec.run_id}", exist_ok=True)
+    table = kind.to_table(rows, spec)
+    shard = _OpenShard(fs, f"{root}/_temporary/{spec.run_id}/{kind.name}-{name}",
+                       f"{root}/{kind.name}/{name}", table.schema)
+    shard.write(table, kind.stats(table))
+    return shard.commit(kind.name)
