@@ -18,18 +18,10 @@ from collections.abc import Sequence
 EXIT_CONFIG = 2
 
 
-class _DropNoise(logging.Filter):
-    """Beam logs an irrelevant warning about GCP client libraries at import time."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return "apitools not found" not in record.getMessage()
-
-
 def _setup_logging(quiet: bool) -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s",
                                            "%H:%M:%S"))
-    handler.addFilter(_DropNoise())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(logging.WARNING)
@@ -55,12 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="replace an output that already holds a finished run")
     run.add_argument("--quiet", action="store_true", help="no progress lines or summary")
 
-    serve = sub.add_parser("serve-local", help="run the embedded OpenAI-compatible server")
-    serve.add_argument("--host", default="127.0.0.1")
-    serve.add_argument("--port", type=int, default=8089)
-    serve.add_argument("--dim", type=int, default=256)
-    serve.add_argument("--api-key-env", default=None,
-                       help="require the key held by this environment variable")
+    # Listed for --help only: `serve-local` owns its arguments (see pipeline.local_server).
+    sub.add_parser("serve-local", help="run the embedded OpenAI-compatible server", add_help=False)
     return parser
 
 
@@ -79,22 +67,17 @@ def _load(args: argparse.Namespace):
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["serve-local"]:
+        from pipeline.local_server import serve_local_main
+
+        return serve_local_main(argv[1:])
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
-    if args.command != "run" and extra:
-        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     _setup_logging(getattr(args, "quiet", False))
 
     from transforms.errors import ConfigError
 
     try:
-        if args.command == "serve-local":
-            from pipeline.local_server import serve_local_main
-
-            return serve_local_main(
-                ["--host", args.host, "--port", str(args.port), "--dim", str(args.dim)]
-                + (["--api-key-env", args.api_key_env] if args.api_key_env else [])
-            )
         from pipeline.run import RunRequest, execute
 
         return execute(RunRequest(cfg=_load(args), beam_args=extra, quiet=args.quiet))

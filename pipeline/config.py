@@ -22,9 +22,6 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from transforms.errors import ConfigError
 
-FORMATS = ("auto", "jsonl", "parquet", "csv", "text")
-TOKENIZERS = ("cl100k_base", "o200k_base", "chars")
-
 
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)

@@ -265,6 +265,6 @@ def test_split_chunks_transform_emits_chunks_and_rejects() -> None:
         )
         assert_that(
             rejects,
-            equal_to([(None, "emoji", too_big.source, STAGE_SPLIT, SPLIT_FAILED, "ValueError")]),
+            equal_to([("emoji", "emoji", too_big.source, STAGE_SPLIT, SPLIT_FAILED, "ValueError")]),
             label="CheckRejects",
         )

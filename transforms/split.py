@@ -36,9 +36,7 @@ from apache_beam.pvalue import TaggedOutput
 
 from pipeline.config import SplitConfig
 from transforms.tokens import Tokenizer, get_tokenizer
-from transforms.types import STAGE_SPLIT, Chunk, Document, Reject
-
-SPLIT_FAILED = "split_failed"  # Reject reason; belongs with the others in transforms.types.
+from transforms.types import SPLIT_FAILED, STAGE_SPLIT, Chunk, Document, Reject
 
 CHUNKS = "chunks"
 REJECTS = "rejects"
@@ -139,7 +137,7 @@ class _SplitDocumentFn(beam.DoFn):
             yield TaggedOutput(
                 REJECTS,
                 Reject(
-                    id=None,
+                    id=doc.doc_id,
                     doc_id=doc.doc_id,
                     source=doc.source,
                     stage=STAGE_SPLIT,
