@@ -110,9 +110,8 @@ class _CommitFn(beam.DoFn):
         )
         storage = dict(self.spec.storage_options)
         fs, root = self.spec.filesystem()
-        tmp = f"{root}/_temporary/{self.spec.run_id}"
-        if fs.exists(tmp):
-            fs.rm(tmp, recursive=True)
+        if fs.exists(f"{root}/_temporary"):
+            fs.rm(f"{root}/_temporary", recursive=True)
         write_json_atomically(manifest_url(self.spec.path), manifest, storage)
         yield manifest
 

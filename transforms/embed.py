@@ -13,7 +13,7 @@ often one bundle, so concurrency cannot come from Beam. It lives here, per worke
 Per request: the limiter admits it, the provider sends it, the retry policy retries transient
 failures. A per-input rejection bisects the bundle until the offending chunks are alone (only
 they are rejected, with the provider's message); a "too large" answer splits it and remembers the
-smaller size for later bundles; a fatal answer (bad key, no quota, unknown model) sets the
+cap it states for later bundles; a fatal answer (bad key, no quota, unknown model) sets the
 session's abort flag: nothing more is sent, and every remaining chunk becomes an ``aborted``
 reject, so the run still commits what it finished and exits 3.
 """
@@ -180,8 +180,15 @@ class EmbedSession:
             if len(chunks) == 1:
                 out.rejects.append(_reject(chunks[0], PROVIDER_REJECTED, self._describe(exc), 1))
                 return
-            if isinstance(exc, RequestTooLargeError):
-                self._max_inputs = max(1, min(self._max_inputs, len(chunks) // 2))
+            if isinstance(exc, RequestTooLargeError) and exc.max_inputs:
+                # The server said its cap: obey it from now on. Without a stated cap, only this
+                # request is bisected: one oversized input must not shrink every later request.
+                self._learn_max_inputs(exc.max_inputs)
+                if exc.max_inputs < len(chunks):
+                    for start in range(0, len(chunks), exc.max_inputs):
+                        self._embed_span(bundle, offset + start,
+                                         chunks[start : start + exc.max_inputs], out)
+                    return
             half = len(chunks) // 2
             self._embed_span(bundle, offset, chunks[:half], out)
             self._embed_span(bundle, offset + half, chunks[half:], out)
@@ -236,6 +243,14 @@ class EmbedSession:
         raise AssertionError("unreachable: tenacity re-raises the last error")  # pragma: no cover
 
     # -- helpers ----------------------------------------------------------------------------
+
+    def _learn_max_inputs(self, cap: int) -> None:
+        """Remember a smaller request size for every later bundle of this process."""
+        cap = max(1, cap)
+        if cap < self._max_inputs:
+            log.warning("embedpipe: the provider caps requests at %d inputs; sending at most "
+                        "that many from now on (set provider.max_inputs_per_request=%d)", cap, cap)
+            self._max_inputs = cap
 
     def _abort(self, message: str) -> str:
         with self._abort_lock:

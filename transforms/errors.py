@@ -23,6 +23,8 @@ with the key before they are stored.
 
 from __future__ import annotations
 
+from typing import Any
+
 
 class EmbedpipeError(Exception):
     """Base class of every error embedpipe raises on purpose."""
@@ -93,7 +95,15 @@ class InputRejectedError(ProviderError):
 
 
 class RequestTooLargeError(ProviderError):
-    """The request exceeds a server-side cap on inputs or bytes; a smaller bundle will pass."""
+    """The request exceeds a server-side cap on inputs or bytes; a smaller bundle will pass.
+
+    ``max_inputs`` is the server's cap on inputs per request when its message said it
+    (text-embeddings-inference: "batch size 64 > maximum allowed batch size 8").
+    """
+
+    def __init__(self, message: str, *, max_inputs: int | None = None, **kwargs: Any) -> None:
+        super().__init__(message, **kwargs)
+        self.max_inputs = max_inputs
 
 
 class FatalProviderError(ProviderError):

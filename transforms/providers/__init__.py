@@ -15,6 +15,8 @@ if TYPE_CHECKING:
     from transforms.providers.base import Provider
 
 _REGISTRY: dict[str, str] = {
+    "ark": "transforms.providers.ark:ArkProvider",
+    "envelope": "transforms.providers.envelope:EnvelopeProvider",
     "openai": "transforms.providers.openai:OpenAIProvider",
 }
 

@@ -9,23 +9,37 @@ not subclasses:
 - Servers without ``usage`` (Ollama, some vLLM builds): tokens are estimated and the usage row
   says ``tokens_estimated``.
 - Servers that reject ``dimensions``: ``send_dimensions: false``.
+- Hugging Face text-embeddings-inference answers a request over its ``--max-client-batch-size``
+  with 413/422 "batch size 64 > maximum allowed batch size 8": that is classified as
+  :class:`~transforms.errors.RequestTooLargeError` carrying the cap, and the embed stage sends
+  smaller requests from then on instead of failing.
+- Error bodies come in several shapes (OpenAI's ``{error: {message, code}}``, TEI's flat
+  ``{error, error_type}`` or ``{message, code, type}``, vLLM's integer ``code``, HTML pages from
+  proxies); :func:`~transforms.providers.base.error_code_and_message` reads them all.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 
 import httpx
 
-from transforms.errors import MalformedResponseError
+from transforms.errors import MalformedResponseError, ProviderError, RequestTooLargeError
 from transforms.providers.base import (
     EmbeddingResult,
     HttpRequest,
     Provider,
     align_by_index,
+    error_code_and_message,
     json_body,
+    request_id_of,
+    retry_after_seconds,
     usage_tokens,
 )
+
+#: TEI's message when a request has more inputs than ``--max-client-batch-size``.
+_BATCH_CAP = re.compile(r"batch size (\d+) > maximum allowed batch size (\d+)")
 
 
 class OpenAIProvider(Provider):
@@ -65,3 +79,17 @@ class OpenAIProvider(Provider):
             http_status=response.status_code,
             provider_request_id=body.get("id") if isinstance(body.get("id"), str) else None,
         )
+
+    def classify_error(self, response: httpx.Response) -> ProviderError:
+        if response.status_code in (413, 422):
+            _, message = error_code_and_message(response)
+            cap = _BATCH_CAP.search(message)
+            if cap:
+                return RequestTooLargeError(
+                    message,
+                    max_inputs=int(cap.group(2)),
+                    http_status=response.status_code,
+                    retry_after_s=retry_after_seconds(response.headers),
+                    provider_request_id=request_id_of(response),
+                )
+        return super().classify_error(response)

@@ -1,0 +1,122 @@
+"""The OpenAI-compatible family end to end: TEI batch caps, vLLM and HTML errors, no-usage servers.
+
+Each server is the embedded OpenAI-dialect server with one behaviour of a real implementation
+grafted on, on loopback; each run goes through the whole pipeline.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pipeline.local_server import EmbeddingServer, HashingEmbedder, Reply
+from pipeline.run import RunRequest, execute
+from tests.corpus import corpus_patterns, write_corpus
+from tests.harness import MODEL, expected_chunks, make_config, read_output
+
+
+class TeiServer(EmbeddingServer):
+    """text-embeddings-inference with ``--max-client-batch-size 8``: larger requests get a 413."""
+
+    MAX_BATCH = 8
+
+    def handle_embeddings(self, payload: dict[str, Any], headers) -> Reply:
+        n = len(payload.get("input") or [])
+        if n > self.MAX_BATCH:
+            message = f"batch size {n} > maximum allowed batch size {self.MAX_BATCH}"
+            return Reply(413, {"error": message, "error_type": "Validation"})
+        return super().handle_embeddings(payload, headers)
+
+
+def run(tmp_path: Path, server: EmbeddingServer, **sections: dict) -> tuple[int, dict, Any]:
+    root = str(tmp_path / "corpus")
+    expected = write_corpus(root)
+    output = str(tmp_path / "out")
+    cfg = make_config(corpus_patterns(root), output, server.base_url, **sections)
+    code = execute(RunRequest(cfg, quiet=True))
+    manifest, tables = read_output(output)
+    return code, manifest, (tables, expected)
+
+
+def test_tei_batch_cap_is_learned_and_the_run_succeeds(tmp_path: Path) -> None:
+    with TeiServer(dim=32, model=MODEL) as server:
+        code, manifest, (t, expected) = run(
+            tmp_path, server, provider={"max_inputs_per_request": 64, "max_tokens_per_request": 50_000}
+        )
+    assert code == 0
+    assert manifest["counts"]["chunks_embedded"] == len(expected_chunks(expected.documents))
+    usage = t["usage"].to_pylist()
+    too_large = [u for u in usage if u["http_status"] == 413]
+    assert 1 <= len(too_large) <= 2  # learned once (per bundle in flight), not per request
+    assert all(u["n_inputs"] <= TeiServer.MAX_BATCH for u in usage if u["outcome"] == "ok")
+
+
+class VllmServer(EmbeddingServer):
+    """vLLM's error shape (integer ``code``) for inputs holding a marker; no usage block."""
+
+    def handle_embeddings(self, payload: dict[str, Any], headers) -> Reply:
+        if any("POISON" in text for text in payload.get("input") or []):
+            return Reply(400, {"object": "error", "message": "This model's maximum context "
+                               "length is 512 tokens", "type": "BadRequestError",
+                               "param": None, "code": 400})
+        reply = super().handle_embeddings(payload, headers)
+        body = {k: v for k, v in reply.body.items() if k != "usage"}
+        return Reply(reply.status, body, reply.headers)
+
+
+def test_vllm_poison_input_is_isolated_and_missing_usage_is_estimated(tmp_path: Path) -> None:
+    root = str(tmp_path / "corpus")
+    expected = write_corpus(root)
+    with open(f"{root}/docs.jsonl", "a", encoding="utf-8") as f:
+        f.write('{"id": "poisoned", "text": "a POISON pill in a short document"}\n')
+    output = str(tmp_path / "out")
+    with VllmServer(dim=32, model=MODEL) as server:
+        cfg = make_config(corpus_patterns(root), output, server.base_url,
+                          output={"include_text": True})
+        code = execute(RunRequest(cfg, quiet=True))
+        requests = server.stats.requests
+    manifest, t = read_output(output)
+    assert code == 1
+    rejects = [r for r in t["rejects"].to_pylist() if r["stage"] == "embed"]
+    assert [(r["id"], r["reason"]) for r in rejects] == [("poisoned#0", "provider_rejected")]
+    assert "maximum context length" in rejects[0]["detail"]
+    ids = set(t["vectors"].column("id").to_pylist())
+    assert ids == set(expected_chunks(expected.documents))  # every sibling embedded
+    ok = [u for u in t["usage"].to_pylist() if u["outcome"] == "ok"]
+    assert all(u["tokens_estimated"] for u in ok)
+    by_id = dict(zip(t["vectors"].column("id").to_pylist(), t["vectors"].column("n_tokens").to_pylist()))
+    assert sum(u["prompt_tokens"] for u in ok) == sum(by_id.values()) + 2  # + the preflight's 2
+    assert manifest["counts"]["requests"] == requests
+    # Bisection: about log2(8) extra requests for the one poison chunk, not one per sibling.
+    failed = [u for u in t["usage"].to_pylist() if u["http_status"] == 400]
+    assert 1 <= len(failed) <= 4
+
+
+class HtmlOutageServer(EmbeddingServer):
+    """A proxy in front of the API answers its first two embedding requests with an HTML 503."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.outages = 2
+
+    def handle_embeddings(self, payload: dict[str, Any], headers) -> Reply:
+        if self.outages > 0:
+            self.outages -= 1
+            return Reply(503, b"<html><body><h1>503 Service Temporarily Unavailable</h1>"
+                              b"<hr><center>nginx</center></body></html>",
+                         {"content-type": "text/html"})
+        return super().handle_embeddings(payload, headers)
+
+
+def test_html_error_pages_are_retried(tmp_path: Path) -> None:
+    with HtmlOutageServer(dim=32, model=MODEL) as server:
+        code, manifest, (t, expected) = run(tmp_path, server, output={"include_text": True})
+    assert code == 0
+    errors = [u["error"] for u in t["usage"].to_pylist() if u["http_status"] == 503]
+    assert len(errors) == 2
+    assert all("503 Service Temporarily Unavailable" in e and "<h1>" not in e for e in errors)
+    texts = t["vectors"].column("text").to_pylist()
+    got = np.asarray(t["vectors"].column("embedding").combine_chunks().flatten()).reshape(len(texts), -1)
+    np.testing.assert_allclose(got, HashingEmbedder(dim=32).embed(texts), atol=1e-6)
