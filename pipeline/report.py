@@ -7,7 +7,8 @@ from typing import Any
 from pipeline.config import Config
 
 
-def summary_lines(manifest: dict[str, Any], cfg: Config, wall_s: float) -> list[str]:
+def summary_lines(manifest: dict[str, Any], cfg: Config, wall_s: float,
+                  metrics: dict[str, Any] | None = None) -> list[str]:
     counts = manifest.get("counts", {})
     usage = manifest.get("usage", {})
     chunks = counts.get("chunks_embedded", 0)
@@ -26,11 +27,16 @@ def summary_lines(manifest: dict[str, Any], cfg: Config, wall_s: float) -> list[
     by_reason = manifest.get("rejects_by_reason") or {}
     if by_reason:
         lines.append("  rejects    " + ", ".join(f"{k}={v}" for k, v in by_reason.items()))
+    latency = (metrics or {}).get("request_latency_ms")
+    if latency:
+        lines.append(f"  latency    {latency['mean']:.0f} ms mean, {latency['max']} ms max "
+                     f"over {latency['count']} requests")
     if manifest.get("error"):
         lines.append(f"  aborted    {manifest['error']}")
     lines.append(f"  output     {cfg.output.path}  (manifest.json, vectors/, usage/, rejects/)")
     return lines
 
 
-def print_summary(manifest: dict[str, Any], cfg: Config, wall_s: float) -> None:
-    print("\n".join(summary_lines(manifest, cfg, wall_s)), flush=True)
+def print_summary(manifest: dict[str, Any], cfg: Config, wall_s: float,
+                  metrics: dict[str, Any] | None = None) -> None:
+    print("\n".join(summary_lines(manifest, cfg, wall_s, metrics)), flush=True)

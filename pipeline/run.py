@@ -17,8 +17,10 @@ import time
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 import apache_beam as beam
+from apache_beam.metrics.metric import MetricsFilter
 import fsspec
 from apache_beam.options.pipeline_options import (
     DirectOptions,
@@ -219,8 +221,28 @@ def execute(
                   cfg.output.path)
         return EXIT_CRASHED
     if not request.quiet:
-        print_summary(manifest, cfg, wall_s)
+        print_summary(manifest, cfg, wall_s, pipeline_metrics(result))
     return exit_code_for(manifest)
+
+
+def pipeline_metrics(result: beam.runners.runner.PipelineResult) -> dict[str, Any]:
+    """The ``embedpipe`` Beam metrics of a finished run: counters, and distributions as dicts.
+
+    Runners that do not report metrics (or report them late) give an empty mapping.
+    """
+    try:
+        found = result.metrics().query(MetricsFilter().with_namespace("embedpipe"))
+    except Exception:  # noqa: BLE001 - metrics are informative; never fail a run over them
+        return {}
+    out: dict[str, Any] = {}
+    for counter in found.get("counters", []):
+        out[counter.key.metric.name] = out.get(counter.key.metric.name, 0) + counter.committed
+    for dist in found.get("distributions", []):
+        value = dist.committed
+        if value is not None and value.count:
+            out[dist.key.metric.name] = {"count": value.count, "mean": value.mean,
+                                         "min": value.min, "max": value.max}
+    return out
 
 
 def exit_code_for(manifest: dict) -> int:

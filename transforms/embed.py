@@ -21,6 +21,7 @@ reject, so the run still commits what it finished and exits 3.
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import logging
 import os
 import socket
@@ -33,6 +34,7 @@ from dataclasses import dataclass, field
 
 import apache_beam as beam
 import httpx
+from apache_beam.metrics import Metrics
 from apache_beam.transforms.window import GlobalWindows
 
 from pipeline.config import ProviderConfig
@@ -333,6 +335,37 @@ def release_session(settings: EmbedSettings) -> None:
 # -- the Beam side ----------------------------------------------------------------------------
 
 
+class _EmbedMetrics:
+    """Beam metrics of the embed stage (namespace ``embedpipe``).
+
+    Updated on the DoFn's own thread when an outcome is emitted: Beam's metric containers are
+    bound to the bundle-processing thread, not to the session's pool threads.
+    """
+
+    def __init__(self) -> None:
+        counter = functools.partial(Metrics.counter, "embedpipe")
+        self.requests = counter("requests")
+        self.retries = counter("retries")
+        self.throttled = counter("throttled")
+        self.prompt_tokens = counter("prompt_tokens")
+        self.chunks_embedded = counter("chunks_embedded")
+        self.chunks_failed = counter("chunks_failed")
+        self.latency_ms = Metrics.distribution("embedpipe", "request_latency_ms")
+
+    def record(self, outcome: BundleOutcome) -> None:
+        for row in outcome.usage:
+            self.requests.inc()
+            self.latency_ms.update(int(row.latency_ms))
+            if row.outcome == OUTCOME_RETRY:
+                self.retries.inc()
+            if row.http_status == 429:
+                self.throttled.inc()
+            if row.outcome == OUTCOME_OK:
+                self.prompt_tokens.inc(row.prompt_tokens)
+        self.chunks_embedded.inc(sum(len(b) for b in outcome.batches))
+        self.chunks_failed.inc(len(outcome.rejects))
+
+
 class EmbedBundlesFn(beam.DoFn):
     """Keeps up to ``max_concurrency`` bundles in flight on the process's session."""
 
@@ -340,6 +373,7 @@ class EmbedBundlesFn(beam.DoFn):
         self.settings = settings
         self._session: EmbedSession | None = None
         self._inflight: deque[Future[BundleOutcome]] = deque()
+        self._metrics = _EmbedMetrics()
 
     def setup(self) -> None:
         self._session = acquire_session(self.settings)
@@ -354,12 +388,12 @@ class EmbedBundlesFn(beam.DoFn):
             done, _ = wait(self._inflight, return_when=FIRST_COMPLETED)
             for future in done:
                 self._inflight.remove(future)
-                yield from _outputs(future.result())
+                yield from self._emit(future.result())
 
     def finish_bundle(self) -> Iterator[object]:
         window = GlobalWindows.windowed_value
         while self._inflight:
-            for output in _outputs(self._inflight.popleft().result()):
+            for output in self._emit(self._inflight.popleft().result()):
                 if isinstance(output, beam.pvalue.TaggedOutput):
                     yield beam.pvalue.TaggedOutput(output.tag, window(output.value))
                 else:
@@ -369,6 +403,11 @@ class EmbedBundlesFn(beam.DoFn):
         if self._session is not None:
             release_session(self.settings)
             self._session = None
+
+
+    def _emit(self, outcome: BundleOutcome) -> Iterator[object]:
+        self._metrics.record(outcome)
+        return _outputs(outcome)
 
 
 def _outputs(outcome: BundleOutcome) -> Iterator[object]:

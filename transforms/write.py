@@ -24,6 +24,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
+from apache_beam.metrics import Metrics
 from apache_beam.transforms.window import GlobalWindows
 
 from transforms.types import (
@@ -217,6 +218,12 @@ class _WriteShardsFn(beam.DoFn):
     def setup(self) -> None:
         self._fs, self._root = self.spec.filesystem()
 
+    def _count(self, stats: Counter[str]) -> None:
+        """Reject reasons as Beam counters (``embedpipe/rejects.REASON``), as they are written."""
+        for key, value in stats.items():
+            if key.startswith("reason:"):
+                Metrics.counter("embedpipe", f"rejects.{key.split(':', 1)[1]}").inc(value)
+
     def start_bundle(self) -> None:
         self._buffer: list[Any] = []
         self._buffered_rows = 0
@@ -249,7 +256,9 @@ class _WriteShardsFn(beam.DoFn):
                 self._shard = self._open(table.schema)
             room = self.spec.rows_per_file - self._shard.rows
             part, table = table.slice(0, room), table.slice(room)
-            self._shard.write(part, self.kind.stats(part))
+            stats = self.kind.stats(part)
+            self._count(stats)
+            self._shard.write(part, stats)
             if self._shard.rows >= self.spec.rows_per_file:
                 yield self._shard.commit(self.kind.name)
                 self._shard = None
