@@ -75,7 +75,7 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
-from urllib.parse import urlsplit
+from urllib.parse import parse_qsl, urlsplit
 
 import numpy as np
 
@@ -387,6 +387,7 @@ class EmbeddingServer:
         self._httpd = _HTTPServer((host, port), self)
         self._thread: threading.Thread | None = None
         self._stats_lock = threading.Lock()
+        self._request_local = threading.local()
         self._requests = 0
         self._texts: list[str] = []
         self._tokens = 0
@@ -467,6 +468,14 @@ class EmbeddingServer:
         with self._stats_lock:
             self._texts.extend(texts)
             self._tokens += tokens
+
+    def request_query(self) -> dict[str, str]:
+        """The query parameters of the request being answered on the calling thread.
+
+        ``route`` gets the path alone; dialects that put settings in the query string (Azure's
+        ``?api-version=``) read them here. Each request is served on its own thread.
+        """
+        return dict(getattr(self._request_local, "query", {}))
 
     # -- request handling (override points) --------------------------------------------------
 
@@ -651,7 +660,9 @@ class _RequestHandler(BaseHTTPRequestHandler):
         if body is None:
             self.close_connection = True  # the body's end is unknown: the stream cannot be reused
         headers = {name.lower(): value for name, value in self.headers.items()}
-        reply = self.server.app._answer(method, urlsplit(self.path).path, body, headers)
+        target = urlsplit(self.path)
+        self.server.app._request_local.query = dict(parse_qsl(target.query))
+        reply = self.server.app._answer(method, target.path, body, headers)
         if reply.drop_connection:
             self.close_connection = True  # the server closes the socket without a byte sent
             return

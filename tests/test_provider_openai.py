@@ -6,12 +6,13 @@ grafted on, on loopback; each run goes through the whole pipeline.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from pipeline.local_server import EmbeddingServer, HashingEmbedder, Reply
+from pipeline.local_server import ApiError, EmbeddingServer, HashingEmbedder, Reply
 from pipeline.run import RunRequest, execute
 from tests.corpus import corpus_patterns, write_corpus
 from tests.harness import MODEL, expected_chunks, make_config, read_output
@@ -120,3 +121,40 @@ def test_html_error_pages_are_retried(tmp_path: Path) -> None:
     texts = t["vectors"].column("text").to_pylist()
     got = np.asarray(t["vectors"].column("embedding").combine_chunks().flatten()).reshape(len(texts), -1)
     np.testing.assert_allclose(got, HashingEmbedder(dim=32).embed(texts), atol=1e-6)
+
+
+class AzureServer(EmbeddingServer):
+    """Azure OpenAI: the deployment in the path, ``api-key`` header, ``api-version`` required."""
+
+    DEPLOYMENT = "embed-small"
+    KEY = "azure-key-0123456789abcdef"
+
+    def authorize(self, method: str, path: str, headers) -> None:
+        if headers.get("api-key") != self.KEY or "authorization" in headers:
+            raise ApiError(401, "Access denied due to invalid subscription key.", code="401")
+
+    def route(self, method: str, path: str, payload: Any, headers) -> Reply:
+        if path != f"/openai/deployments/{self.DEPLOYMENT}/embeddings":
+            raise ApiError(404, "The API deployment for this resource does not exist.",
+                           code="DeploymentNotFound")
+        if self.request_query().get("api-version") != "2024-10-21":
+            raise ApiError(400, "Missing or unsupported api-version", code="BadRequest")
+        return self.handle_embeddings(payload, headers)
+
+
+def test_azure_deployment_path_api_key_and_version(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setenv("AZURE_OPENAI_API_KEY", AzureServer.KEY)
+    with AzureServer(dim=32, model=MODEL) as server:
+        base = server.base_url.removesuffix("/v1")
+        azure = {"base_url": f"{base}/openai/deployments/{AzureServer.DEPLOYMENT}",
+                 "api_key_env": "AZURE_OPENAI_API_KEY", "auth_header": "api-key",
+                 "auth_scheme": None, "api_version": "2024-10-21"}
+        code, manifest, (t, expected) = run(tmp_path, server, provider=azure)
+        assert code == 0
+        assert manifest["counts"]["chunks_embedded"] == len(expected_chunks(expected.documents))
+        assert manifest["config"]["provider"]["api_key_env"] == "AZURE_OPENAI_API_KEY"
+        assert AzureServer.KEY not in json.dumps(manifest)
+        # Without the api-version the same deployment refuses: the preflight stops the run.
+        broken = {**azure, "api_version": None}
+        code, manifest, _ = run(tmp_path / "again", server, provider=broken)
+        assert code == 3 and manifest["status"] == "aborted"
