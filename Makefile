@@ -25,7 +25,7 @@ bench: setup
 	$(BIN)/python -m tests.bench $(BENCH_ARGS)
 
 lint: setup
-	$(BIN)/python -m pip install --quiet ruff mypy
+	$(BIN)/python -m pip install --quiet ruff==0.17.6 mypy==2.4.1
 	$(BIN)/ruff check pipeline transforms tests
 	$(BIN)/mypy pipeline transforms
 

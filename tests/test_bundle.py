@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -33,7 +35,7 @@ def test_packing_invariants(sizes, max_inputs, max_tokens, max_bytes) -> None:
             assert b.n_tokens <= max_tokens
             assert b.n_bytes <= max_bytes
     # Greedy: no two neighbouring bundles could have been one.
-    for a, b in zip(bundles, bundles[1:]):
+    for a, b in itertools.pairwise(bundles):
         assert (len(a) + len(b) > max_inputs or a.n_tokens + b.n_tokens > max_tokens
                 or a.n_bytes + b.n_bytes > max_bytes)
 

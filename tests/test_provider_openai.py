@@ -113,7 +113,7 @@ class HtmlOutageServer(EmbeddingServer):
 
 def test_html_error_pages_are_retried(tmp_path: Path) -> None:
     with HtmlOutageServer(dim=32, model=MODEL) as server:
-        code, manifest, (t, expected) = run(tmp_path, server, output={"include_text": True})
+        code, _manifest, (t, _expected) = run(tmp_path, server, output={"include_text": True})
     assert code == 0
     errors = [u["error"] for u in t["usage"].to_pylist() if u["http_status"] == 503]
     assert len(errors) == 2
@@ -149,7 +149,7 @@ def test_azure_deployment_path_api_key_and_version(tmp_path: Path, monkeypatch) 
         azure = {"base_url": f"{base}/openai/deployments/{AzureServer.DEPLOYMENT}",
                  "api_key_env": "AZURE_OPENAI_API_KEY", "auth_header": "api-key",
                  "auth_scheme": None, "api_version": "2024-10-21"}
-        code, manifest, (t, expected) = run(tmp_path, server, provider=azure)
+        code, manifest, (_t, expected) = run(tmp_path, server, provider=azure)
         assert code == 0
         assert manifest["counts"]["chunks_embedded"] == len(expected_chunks(expected.documents))
         assert manifest["config"]["provider"]["api_key_env"] == "AZURE_OPENAI_API_KEY"

@@ -484,7 +484,7 @@ def test_truncated_parquet_is_unreadable(tmp_path: Path) -> None:
 def test_text_files_are_documents_identified_by_their_path_below_the_root(tmp_path: Path) -> None:
     corpus = tmp_path / "corpus"
     write(corpus / "guide/intro/start.md", b"# Start\n")
-    write(corpus / "guide/faq.txt.gz", gzip.compress("Qu'est-ce que c'est ?".encode()))
+    write(corpus / "guide/faq.txt.gz", gzip.compress(b"Qu'est-ce que c'est ?"))
     write(corpus / "readme.rst", b"About")
 
     by_directory = read_all(corpus, metadata_fields=["lang"])

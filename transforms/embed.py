@@ -103,18 +103,17 @@ class EmbedSession:
         *,
         api_key: str | None,
         clock: Clock = MONOTONIC,
-        transport: httpx.BaseTransport | None = None,
     ) -> None:
         self.settings = settings
         self.provider: Provider = get_provider_class(settings.provider.kind)(settings.provider)
         self.limiter = RateLimiter(settings.limits, clock=clock)
         self.clock = clock
         self._api_key = api_key
+        timeout_s = settings.provider.timeout_s
         self._client = httpx.Client(
-            timeout=httpx.Timeout(settings.provider.timeout_s, connect=min(10.0, settings.provider.timeout_s)),
+            timeout=httpx.Timeout(timeout_s, connect=min(10.0, timeout_s)),
             limits=httpx.Limits(max_connections=settings.max_concurrency,
                                 max_keepalive_connections=settings.max_concurrency),
-            transport=transport,
         )
         self._executor = ThreadPoolExecutor(
             max_workers=settings.max_concurrency, thread_name_prefix="embedpipe-embed"
@@ -137,10 +136,6 @@ class EmbedSession:
     def close(self) -> None:
         self._executor.shutdown(wait=True)
         self._client.close()
-
-    @property
-    def aborted(self) -> bool:
-        return self._abort_message is not None
 
     def submit(self, bundle: Bundle) -> Future[BundleOutcome]:
         return self._executor.submit(self.embed_bundle, bundle)
@@ -172,11 +167,9 @@ class EmbedSession:
             out.rejects.extend(_reject(c, ABORTED, message, 1) for c in chunks)
             return
         except RetryableError as exc:
-            detail = f"gave up after {self.settings.retry.max_attempts} attempts: {self._describe(exc)}"
-            out.rejects.extend(
-                _reject(c, RETRIES_EXHAUSTED, detail, self.settings.retry.max_attempts)
-                for c in chunks
-            )
+            attempts = self.settings.retry.max_attempts
+            detail = f"gave up after {attempts} attempts: {self._describe(exc)}"
+            out.rejects.extend(_reject(c, RETRIES_EXHAUSTED, detail, attempts) for c in chunks)
             return
         except (InputRejectedError, RequestTooLargeError) as exc:
             if len(chunks) == 1:
@@ -234,8 +227,8 @@ class EmbedSession:
                 self.limiter.on_success()
                 hint = result.rate_hint
                 if hint is not None:
-                    self.limiter.on_hint(hint.remaining_requests, hint.remaining_tokens,
-                                         max(hint.reset_requests_s or 0, hint.reset_tokens_s or 0) or None)
+                    reset_s = max(hint.reset_requests_s or 0, hint.reset_tokens_s or 0) or None
+                    self.limiter.on_hint(hint.remaining_requests, hint.remaining_tokens, reset_s)
                 out.usage.append(self._usage(
                     request_id, result.provider_request_id, len(chunks), result.prompt_tokens,
                     result.total_tokens, result.tokens_estimated, number, result.http_status,

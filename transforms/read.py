@@ -30,7 +30,7 @@ import json
 import posixpath
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Final, Literal
 
 import apache_beam as beam
 import fsspec
@@ -54,7 +54,7 @@ from transforms.types import (
     format_source,
 )
 
-REJECTS = "rejects"
+REJECTS: Final = "rejects"
 """Tag of the reject outputs of this stage's DoFns."""
 
 UNKNOWN_FORMAT = "unknown"
@@ -219,7 +219,7 @@ def read_records(source: SourceFile, cfg: InputConfig) -> Iterator[RawRecord | R
     progress = _Progress()
     try:
         yield from reader(source, cfg, progress)
-    except Exception as exc:  # whatever goes wrong with one file is that file's reject
+    except Exception as exc:  # noqa: BLE001 - whatever breaks one file is that file's reject
         yield _reject(
             format_source(source.url, progress.failed_at),
             UNREADABLE_FILE,

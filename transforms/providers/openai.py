@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
+from typing import ClassVar
 
 import httpx
 
@@ -46,7 +47,8 @@ class OpenAIProvider(Provider):
     """An OpenAI-compatible ``/embeddings`` endpoint."""
 
     kind = "openai"
-    default_max_input_tokens = None  # model-dependent (8191 for OpenAI's); set max_input_tokens
+    # Model-dependent (8191 for OpenAI's models): set provider.max_input_tokens.
+    default_max_input_tokens: ClassVar[int | None] = None
 
     def build_request(self, texts: Sequence[str], api_key: str | None) -> HttpRequest:
         body: dict[str, object] = {
