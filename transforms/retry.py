@@ -26,7 +26,7 @@ from tenacity.wait import wait_base
 from transforms.errors import RetryableError
 
 
-class wait_provider_hint(wait_base):  # noqa: N801 - tenacity's naming convention
+class wait_provider_hint(wait_base):
     """Wait the provider's ``Retry-After`` (plus a little jitter) when given, else ``fallback``."""
 
     def __init__(self, fallback: wait_base, max_wait_s: float, jitter_s: float = 0.25) -> None:
