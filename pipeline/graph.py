@@ -44,6 +44,7 @@ class RunContext:
     run_id: str
     started_at: str
     workers: int  # worker processes sharing the rate budget
+    progress_interval_s: float | None = 5.0  # None: no progress lines
     extra_files: tuple[WrittenFile, ...] = ()  # committed by the launcher (the preflight's usage)
 
 
@@ -79,6 +80,7 @@ def embed_settings(cfg: Config, ctx: RunContext) -> EmbedSettings:
         limits=limits.share(ctx.workers),
         max_concurrency=cfg.limits.max_concurrency,
         retry=RetryPolicy(cfg.retry.max_attempts, cfg.retry.max_wait_s, cfg.retry.initial_wait_s),
+        progress_interval_s=ctx.progress_interval_s,
     )
 
 

@@ -60,6 +60,7 @@ EXIT_CRASHED = 4
 DEFAULT_RUNNER = "FnApiRunner"  # offline, in-process; never downloads a runner binary
 LOCAL_RUNNERS = {"fnapirunner", "directrunner", "bundlebaseddirectrunner", "switchingdirectrunner"}
 PREFLIGHT_TEXT = "embedpipe preflight"
+PROGRESS_INTERVAL_S = 5.0
 
 
 @dataclass
@@ -132,7 +133,7 @@ def preflight(cfg: Config, ctx: RunContext, api_key: str | None) -> BundleOutcom
     the full retry policy.
     """
     settings = replace(
-        embed_settings(cfg, ctx), max_concurrency=1,
+        embed_settings(cfg, ctx), max_concurrency=1, progress_interval_s=None,
         retry=RetryPolicy(max_attempts=3, max_wait_s=2.0, initial_wait_s=0.5),
     )
     session = EmbedSession(settings, api_key=api_key)
@@ -183,6 +184,7 @@ def execute(
         run_id=f"{dt.datetime.now(dt.timezone.utc):%Y%m%dT%H%M%SZ}-{uuid.uuid4().hex[:8]}",
         started_at=utc_now(),
         workers=resolve_workers(cfg, options),
+        progress_interval_s=None if request.quiet else PROGRESS_INTERVAL_S,
     )
     spec = output_spec(cfg, ctx)
     write_json_atomically(

@@ -48,6 +48,7 @@ from transforms.errors import (
     redact,
 )
 from transforms.limits import MONOTONIC, Clock, RateLimiter, RateLimits
+from transforms.progress import ProgressReporter
 from transforms.providers import get_provider_class
 from transforms.providers.base import EmbeddingResult, Provider
 from transforms.retry import RetryPolicy
@@ -82,6 +83,7 @@ class EmbedSettings:
     limits: RateLimits  # this worker's share
     max_concurrency: int
     retry: RetryPolicy
+    progress_interval_s: float | None = 5.0  # None: no progress lines (--quiet)
 
 
 @dataclass
@@ -124,6 +126,11 @@ class EmbedSession:
         # Largest request the server accepted after a "too large" answer (learned, shrinks only).
         self._max_inputs = settings.provider.max_inputs_per_request
         self.worker = f"{socket.gethostname()}:{os.getpid()}"
+        self._progress = (
+            ProgressReporter(self.worker, settings.limits.tokens_per_minute,
+                             settings.progress_interval_s)
+            if settings.progress_interval_s else None
+        )
         if settings.provider.api_key_env and not api_key:
             self._abort(
                 f"environment variable {settings.provider.api_key_env} is not set on worker "
@@ -136,6 +143,8 @@ class EmbedSession:
     def close(self) -> None:
         self._executor.shutdown(wait=True)
         self._client.close()
+        if self._progress is not None:
+            self._progress.close()
 
     def submit(self, bundle: Bundle) -> Future[BundleOutcome]:
         return self._executor.submit(self.embed_bundle, bundle)
@@ -144,9 +153,13 @@ class EmbedSession:
 
     def embed_bundle(self, bundle: Bundle) -> BundleOutcome:
         out = BundleOutcome()
+        if self._progress is not None:
+            self._progress.started()
         step = self._max_inputs
         for start in range(0, len(bundle.chunks), step):
             self._embed_span(bundle, start, bundle.chunks[start : start + step], out)
+        if self._progress is not None:
+            self._progress.finished(sum(len(b) for b in out.batches), len(out.rejects), out.usage)
         with self._abort_lock:
             if self._abort_message is not None and not self._fatal_reported:
                 self._fatal_reported = True

@@ -1,0 +1,39 @@
+"""Progress lines: counts, throttles and the rate against this worker's limit."""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+
+import pytest
+
+from transforms.progress import ProgressReporter
+from transforms.types import UsageRecord
+
+
+def usage(status: int, outcome: str, tokens: int) -> UsageRecord:
+    return UsageRecord("r", None, "m", 4, tokens, tokens, False, 1, status, outcome, None, 5.0,
+                       dt.datetime.now(dt.timezone.utc), "w")
+
+
+def test_line_counts_chunks_requests_throttles_and_tokens() -> None:
+    progress = ProgressReporter("host:1", tokens_per_minute=60_000, interval_s=60)
+    progress.started()
+    progress.started()
+    progress.finished(8, 0, [usage(429, "retry", 0), usage(200, "ok", 1500)])
+    line = progress.line(whole_run=True)
+    progress.close()
+    assert "8 chunks embedded, 0 failed" in line
+    assert "2 requests, 1 throttled" in line
+    assert "1.5k in all" in line
+    assert "1 bundles in flight" in line
+    assert "of this worker's 60.0k limit" in line
+
+
+def test_close_logs_a_final_line(caplog: pytest.LogCaptureFixture) -> None:
+    progress = ProgressReporter("host:2", tokens_per_minute=1000, interval_s=60)
+    progress.started()
+    progress.finished(3, 1, [usage(200, "ok", 10)])
+    with caplog.at_level(logging.INFO, logger="embedpipe.progress"):
+        progress.close()
+    assert any("3 chunks embedded, 1 failed" in r.getMessage() for r in caplog.records)

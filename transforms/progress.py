@@ -1,0 +1,95 @@
+"""Progress lines from the embed stage: what each worker process is doing, every few seconds.
+
+One :class:`ProgressReporter` per embed session (so per worker process and run). Bundles report
+their outcome as they finish; a daemon thread logs one line per interval while work goes on, and
+a last line when the session closes::
+
+    embedpipe progress host:4242: 5120 chunks embedded, 3 failed | 212 requests, 4 throttled |
+    61.2k tokens/min (98% of this worker's 62.5k limit) | 16 bundles in flight
+
+Beam's own metrics say the same at the end of a run; these lines are for watching a run live,
+in the worker logs of Dataflow or Flink as much as on a terminal.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+
+from transforms.types import OUTCOME_OK
+
+log = logging.getLogger("embedpipe.progress")
+
+
+def _si(value: float) -> str:
+    for unit, scale in (("M", 1e6), ("k", 1e3)):
+        if abs(value) >= scale:
+            return f"{value / scale:.1f}{unit}"
+    return f"{value:.0f}"
+
+
+class ProgressReporter:
+    """Thread-safe counters plus a background thread that logs them every ``interval_s``."""
+
+    def __init__(self, worker: str, tokens_per_minute: float, interval_s: float) -> None:
+        self.worker = worker
+        self.tokens_per_minute = tokens_per_minute
+        self.interval_s = interval_s
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._embedded = self._failed = self._requests = self._throttled = 0
+        self._tokens = 0
+        self._in_flight = 0
+        self._started_at = self._window_start = time.monotonic()
+        self._window_tokens = 0
+
+    def started(self) -> None:
+        with self._lock:
+            self._in_flight += 1
+            if self._thread is None:
+                self._started_at = self._window_start = time.monotonic()
+                self._thread = threading.Thread(target=self._loop, name="embedpipe-progress",
+                                                daemon=True)
+                self._thread.start()
+
+    def finished(self, embedded: int, failed: int, usage: list) -> None:
+        with self._lock:
+            self._in_flight -= 1
+            self._embedded += embedded
+            self._failed += failed
+            self._requests += len(usage)
+            self._throttled += sum(1 for u in usage if u.http_status == 429)
+            tokens = sum(u.prompt_tokens for u in usage if u.outcome == OUTCOME_OK)
+            self._tokens += tokens
+            self._window_tokens += tokens
+
+    def close(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+            log.info("%s (done; rate over the whole run)", self.line(whole_run=True))
+
+    def line(self, *, whole_run: bool = False) -> str:
+        """The progress line; the rate is over the last interval, or the whole run."""
+        with self._lock:
+            now = time.monotonic()
+            since, tokens = (
+                (self._started_at, self._tokens) if whole_run
+                else (self._window_start, self._window_tokens)
+            )
+            rate = tokens / max(1e-6, now - since) * 60.0
+            self._window_start, self._window_tokens = now, 0
+            share = rate / self.tokens_per_minute * 100 if self.tokens_per_minute else 0.0
+            return (
+                f"embedpipe progress {self.worker}: {self._embedded} chunks embedded, "
+                f"{self._failed} failed | {self._requests} requests, {self._throttled} throttled | "
+                f"{_si(rate)} tokens/min ({share:.0f}% of this worker's "
+                f"{_si(self.tokens_per_minute)} limit), {_si(self._tokens)} in all | "
+                f"{self._in_flight} bundles in flight"
+            )
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            log.info("%s", self.line())
