@@ -3,6 +3,7 @@
 ::
 
     embedpipe run    --config FILE [--input URL] [--output URL] [--set KEY=VALUE]... [BEAM OPTIONS]...
+    embedpipe verify OUTPUT_URL [--json]
     embedpipe serve-local [--host 127.0.0.1] [--port 8089] [--dim 256]
 
 Arguments ``run`` does not know are Beam pipeline options, passed to ``PipelineOptions`` as given.
@@ -47,7 +48,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="replace an output that already holds a finished run")
     run.add_argument("--quiet", action="store_true", help="no progress lines or summary")
 
-    # Listed for --help only: `serve-local` owns its arguments (see pipeline.local_server).
+    # Listed for --help only: these commands own their arguments (see their modules).
+    sub.add_parser("verify", help="check a finished output (exit 1 with the problems)",
+                   add_help=False)
     sub.add_parser("serve-local", help="run the embedded OpenAI-compatible server", add_help=False)
     return parser
 
@@ -71,6 +74,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from pipeline.local_server import serve_local_main
 
         return serve_local_main(argv[1:])
+    if argv[:1] == ["verify"]:
+        from pipeline.verify import verify_main
+
+        return verify_main(argv[1:])
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     _setup_logging(getattr(args, "quiet", False))
