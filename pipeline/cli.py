@@ -3,6 +3,7 @@
 ::
 
     embedpipe run    --config FILE [--input URL] [--output URL] [--set KEY=VALUE]... [BEAM OPTIONS]...
+    embedpipe plan   --config FILE [--input URL] [--set KEY=VALUE]... [--json] [BEAM OPTIONS]...
     embedpipe verify OUTPUT_URL [--json]
     embedpipe serve-local [--host 127.0.0.1] [--port 8089] [--dim 256]
 
@@ -12,6 +13,7 @@ Arguments ``run`` does not know are Beam pipeline options, passed to ``PipelineO
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 from collections.abc import Sequence
@@ -47,6 +49,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--overwrite", action="store_true",
                      help="replace an output that already holds a finished run")
     run.add_argument("--quiet", action="store_true", help="no progress lines or summary")
+
+    plan = sub.add_parser("plan", help="read and split the corpus, estimate cost; no API calls")
+    _config_args(plan)
+    plan.add_argument("--json", action="store_true", help="print the plan as JSON")
 
     # Listed for --help only: these commands own their arguments (see their modules).
     sub.add_parser("verify", help="check a finished output (exit 1 with the problems)",
@@ -85,6 +91,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     from transforms.errors import ConfigError
 
     try:
+        if args.command == "plan":
+            from pipeline.plan import make_plan, plan_lines
+
+            plan = make_plan(_load(args), extra)
+            print(json.dumps(plan, indent=2) if args.json else "\n".join(plan_lines(plan)))
+            return 0
         from pipeline.run import RunRequest, execute
 
         return execute(RunRequest(cfg=_load(args), beam_args=extra, quiet=args.quiet))

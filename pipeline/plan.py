@@ -1,0 +1,128 @@
+"""``embedpipe plan``: what a run would do and cost, without a single API call.
+
+Runs the read, validate, split and bundle stages exactly as ``run`` does (the same transforms, so
+the same documents, chunks and requests), then prints the documents, rejects by reason, chunks,
+tokens, requests, the estimated cost (``provider.price_per_million_tokens``) and the ideal wall
+time at the configured limits: ``max(tokens / TPM, requests / RPM)``. The token count is the
+splitter's tokenizer's, which for OpenAI models is what the API bills.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from collections import Counter
+from typing import Any
+
+import apache_beam as beam
+from apache_beam.pvalue import AsList, AsSingleton
+
+from pipeline.config import Config
+from pipeline.graph import bundle_caps
+from transforms.bundle import PackBundles
+from transforms.read import ReadCorpus
+from transforms.split import SplitChunks
+from transforms.types import STAGE_READ
+from transforms.validate import ValidateDocuments
+
+
+class _SummarizeFn(beam.DoFn):
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def process(self, _: object, records: int, documents: int, reasons: list,
+                bundle_stats: list) -> None:
+        by_reason = Counter(dict(reasons))
+        read_rejects = sum(n for (stage, _), n in by_reason.items() if stage == STAGE_READ)
+        summary = {
+            "records": records,
+            "documents_valid": documents,
+            "rejects_by_reason": dict(sorted(Counter(
+                {reason: n for (_, reason), n in by_reason.items()}).items())),
+            "read_rejects": read_rejects,
+            "chunks": sum(s[0] for s in bundle_stats),
+            "tokens": sum(s[1] for s in bundle_stats),
+            "requests": len(bundle_stats),
+        }
+        with open(self.path, "w", encoding="utf-8") as handle:
+            json.dump(summary, handle)
+
+
+def build_plan_pipeline(p: beam.Pipeline, cfg: Config, summary_path: str) -> None:
+    read = p | "ReadCorpus" >> ReadCorpus(cfg.input)
+    valid = read["records"] | "ValidateDocuments" >> ValidateDocuments(cfg.validate_)
+    split = valid["documents"] | "SplitChunks" >> SplitChunks(cfg.split)
+    bundles = split["chunks"] | "PackBundles" >> PackBundles(bundle_caps(cfg))
+    reasons = (
+        (read["rejects"], valid["rejects"], split["rejects"])
+        | "CollectRejects" >> beam.Flatten()
+        | "Reasons" >> beam.Map(lambda r: (r.stage, r.reason))
+        | "CountReasons" >> beam.combiners.Count.PerElement()
+    )
+    stats = bundles | "BundleSizes" >> beam.Map(lambda b: (len(b), b.n_tokens))
+
+    def count(pcoll: beam.PCollection, label: str) -> AsSingleton:
+        return AsSingleton(pcoll | label >> beam.combiners.Count.Globally())
+
+    _ = (
+        p
+        | "Start" >> beam.Create([None])
+        | "Summarize" >> beam.ParDo(
+            _SummarizeFn(summary_path),
+            records=count(read["records"], "CountRecords"),
+            documents=count(valid["documents"], "CountDocuments"),
+            reasons=AsList(reasons),
+            bundle_stats=AsList(stats),
+        )
+    )
+
+
+def make_plan(cfg: Config, beam_args: list[str]) -> dict[str, Any]:
+    """Run the planning pipeline and return its figures (plus cost and ideal time)."""
+    from pipeline.run import beam_options
+
+    handle, path = tempfile.mkstemp(prefix="embedpipe-plan-", suffix=".json")
+    os.close(handle)
+    t0 = time.monotonic()
+    try:
+        with beam.Pipeline(options=beam_options(beam_args)) as p:
+            build_plan_pipeline(p, cfg, path)
+        with open(path, encoding="utf-8") as f:
+            plan = json.load(f)
+    finally:
+        os.unlink(path)
+    tokens, requests = plan["tokens"], plan["requests"]
+    limits = cfg.limits
+    price = cfg.provider.price_per_million_tokens
+    plan.update(
+        documents_read=plan["records"] + plan.pop("read_rejects"),
+        provider=cfg.provider.kind,
+        model=cfg.provider.model,
+        tokenizer=cfg.split.tokenizer,
+        estimated_cost=None if price is None else tokens / 1e6 * price,
+        price_per_million_tokens=price,
+        ideal_wall_s=round(60.0 * max(tokens / limits.tokens_per_minute,
+                                      requests / limits.requests_per_minute), 3),
+        planning_s=round(time.monotonic() - t0, 3),
+    )
+    del plan["records"]
+    return plan
+
+
+def plan_lines(plan: dict[str, Any]) -> list[str]:
+    cost = (f"${plan['estimated_cost']:.4f} at ${plan['price_per_million_tokens']}/M tokens"
+            if plan["estimated_cost"] is not None
+            else "unknown (set provider.price_per_million_tokens)")
+    reasons = ", ".join(f"{k}={v}" for k, v in plan["rejects_by_reason"].items()) or "none"
+    return [
+        f"plan for {plan['provider']} {plan['model']} (tokens by {plan['tokenizer']}):",
+        f"  documents  {plan['documents_read']} read, {plan['documents_valid']} valid",
+        f"  rejects    {reasons}",
+        f"  chunks     {plan['chunks']}",
+        f"  tokens     {plan['tokens']}",
+        f"  requests   {plan['requests']}",
+        f"  cost       {cost}",
+        f"  ideal time {plan['ideal_wall_s']:.1f}s at the configured limits",
+    ]
