@@ -79,7 +79,6 @@ class ProviderConfig(_Section):
     max_tokens_per_request: int = Field(100_000, gt=0)
     max_bytes_per_request: int = Field(4_000_000, gt=0)
     max_input_tokens: int | None = Field(None, gt=0)
-    max_input_bytes: int | None = Field(None, gt=0)
     # OpenAI-compatible variants (Azure: auth_header api-key, api_version; see README).
     auth_header: str = "Authorization"
     auth_scheme: str | None = "Bearer"

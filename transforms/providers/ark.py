@@ -1,0 +1,179 @@
+"""Volcengine Ark (火山方舟): the doubao-embedding text models.
+
+``POST {base_url}/embeddings`` with ``{model, input, encoding_format}``; ``model`` is a model id
+(``doubao-embedding-text-240715``) or an inference endpoint id (``ep-...``). The answer has
+OpenAI's shape, so parsing is inherited from :class:`~transforms.providers.openai.OpenAIProvider`;
+what differs is Ark's own:
+
+- **No ``dimensions`` parameter.** Ark's documented dimension reduction (向量降维) happens on the
+  client: keep the first ``provider.dimensions`` values of the native vector and L2-normalise
+  them. Sizes are checked for the models whose reductions are documented; an endpoint id hides
+  its model, so any size is accepted for it, and an answer too short for the size aborts the run
+  (at the preflight, in practice).
+- **Unnormalised vectors.** ``provider.normalize: true`` normalises native-size vectors; reduced
+  ones are always normalised, since a prefix of a vector is not a unit vector.
+- **Limits.** At most 4096 tokens and 100,000 UTF-8 bytes per input, no empty input. No documented
+  cap on inputs per request; Ark recommends at most 4 texts or 4096 tokens per request for
+  latency, which ``configs/ark.yaml`` offers as a preset rather than a cap.
+- **Error codes.** Ark says what went wrong in ``error.code``, and its 429 mixes throttling
+  (retry) with exhausted quota (abort): :data:`ERROR_RULES` maps each documented code to its class.
+
+``provider.api_version`` and ``provider.send_dimensions`` do not apply to Ark.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import httpx
+import numpy as np
+
+from pipeline.config import ProviderConfig
+from transforms.errors import (
+    ConfigError,
+    FatalProviderError,
+    InputRejectedError,
+    ProviderError,
+    RateLimitedError,
+    RetryableError,
+)
+from transforms.providers.base import (
+    EmbeddingResult,
+    HttpRequest,
+    classify_http_error,
+    error_code_and_message,
+    l2_normalize,
+    request_id_of,
+    retry_after_seconds,
+)
+from transforms.providers.openai import OpenAIProvider
+
+#: Sizes ``provider.dimensions`` may take for the models whose reductions Ark documents (the
+#: native size included). Other model ids and every endpoint id accept any size.
+DOCUMENTED_DIMENSIONS: Mapping[str, frozenset[int]] = {
+    "doubao-embedding-text-240715": frozenset({512, 1024, 2048, 2560}),
+    "doubao-embedding-large-text-250515": frozenset({256, 512, 1024, 2048}),
+}
+
+
+@dataclass(frozen=True, slots=True)
+class ErrorRule:
+    """One row of Ark's error table: the answers it matches and the class they become.
+
+    ``codes`` are shell-style patterns (``"RateLimitExceeded.*"``); ``status`` pins the HTTP
+    status the docs give for them, or is None for codes Ark sends with more than one status.
+    """
+
+    error: type[ProviderError]
+    codes: tuple[str, ...]
+    status: int | None = None
+
+    def matches(self, status: int, code: str | None) -> bool:
+        if code is None or (self.status is not None and status != self.status):
+            return False
+        return any(fnmatch.fnmatchcase(code, pattern) for pattern in self.codes)
+
+
+#: Ark's documented error codes, first match wins. An answer no rule matches (401 with any code,
+#: 5xx, an undocumented code) falls back to :func:`~transforms.providers.base.classify_http_error`:
+#: 401/403/404 fatal, 429 throttled, 5xx retried, other 4xx about an input.
+ERROR_RULES: tuple[ErrorRule, ...] = (
+    # Throttling: slow down and retry.
+    ErrorRule(
+        RateLimitedError,
+        ("RateLimitExceeded.*", "ModelAccountRpmRateLimitExceeded",
+         "ModelAccountTpmRateLimitExceeded"),
+        status=429,
+    ),
+    # Ark is short of capacity, not us over our budget: retry without slowing the limiter.
+    ErrorRule(RetryableError, ("ServerOverloaded",)),
+    # No request can succeed until someone tops up, raises a limit, grants access or opens a model.
+    ErrorRule(FatalProviderError, ("QuotaExceeded", "SetLimitExceeded"), status=429),
+    ErrorRule(FatalProviderError, ("AccountOverdueError", "AccessDenied"), status=403),
+    ErrorRule(FatalProviderError, ("InvalidEndpointOrModel.NotFound", "ModelNotOpen")),
+    # A closed endpoint refuses every request, not one input: bisecting would reject them all.
+    ErrorRule(FatalProviderError, ("InvalidEndpoint.ClosedEndpoint",)),
+    # About one input's content or length: bisect the request until that input is alone.
+    ErrorRule(
+        InputRejectedError,
+        ("SensitiveContentDetected*", "InvalidParameter", "OutofContextError"),
+        status=400,
+    ),
+)
+
+
+class ArkProvider(OpenAIProvider):
+    """Volcengine Ark's ``/embeddings``: OpenAI's answer, Ark's request, reduction and errors."""
+
+    kind = "ark"
+    default_max_input_tokens = 4096
+
+    @classmethod
+    def check_config(cls, cfg: ProviderConfig) -> None:
+        """Refuse a reduced size the model does not document, before any request is sent."""
+        allowed = DOCUMENTED_DIMENSIONS.get(cfg.model)
+        if cfg.dimensions is not None and allowed is not None and cfg.dimensions not in allowed:
+            raise ConfigError(
+                f"{cfg.model} serves {', '.join(map(str, sorted(allowed)))} dimensions, not "
+                f"{cfg.dimensions}; choose one of them or null for the native size",
+                key="provider.dimensions",
+            )
+
+    def build_request(self, texts: Sequence[str], api_key: str | None) -> HttpRequest:
+        body = {
+            "model": self.cfg.model,
+            "input": list(texts),
+            "encoding_format": self.cfg.encoding_format,
+        }
+        headers = {**self.cfg.extra_headers, **self.auth_headers(api_key)}
+        return HttpRequest("POST", f"{self.cfg.base_url}/embeddings", body, headers)
+
+    def parse_response(
+        self, response: httpx.Response, n_inputs: int, est_tokens: int
+    ) -> EmbeddingResult:
+        """OpenAI's parsing, plus a check that the native vectors can serve the reduced size.
+
+        Only a model without documented sizes (an endpoint id, a newer model) can get here with a
+        size above its native one, as :meth:`check_config` vets the others; every answer will be
+        as short, so no request can succeed and the run stops.
+        """
+        result = super().parse_response(response, n_inputs, est_tokens)
+        native = result.vectors.shape[1]
+        if self.cfg.dimensions is not None and native < self.cfg.dimensions:
+            raise FatalProviderError(
+                f"{self.cfg.model} answers {native}-dimensional vectors, too short to reduce to "
+                f"provider.dimensions={self.cfg.dimensions}; choose a size up to {native}",
+                http_status=response.status_code,
+                provider_request_id=result.provider_request_id,
+            )
+        return result
+
+    def finalize_vectors(self, vectors: np.ndarray) -> np.ndarray:
+        """Ark's 向量降维: the first ``dimensions`` values, L2-normalised; else normalise if asked."""
+        if self.cfg.dimensions is not None:
+            return l2_normalize(vectors[:, : self.cfg.dimensions])
+        return l2_normalize(vectors) if self.cfg.normalize else vectors
+
+    def classify_error(self, response: httpx.Response) -> ProviderError:
+        """The first :data:`ERROR_RULES` row that matches, else the shared HTTP defaults."""
+        code, message = error_code_and_message(response)
+        retry_after_s = retry_after_seconds(response.headers)
+        provider_request_id = request_id_of(response)
+        for rule in ERROR_RULES:
+            if rule.matches(response.status_code, code):
+                return rule.error(
+                    message,
+                    http_status=response.status_code,
+                    code=code,
+                    retry_after_s=retry_after_s,
+                    provider_request_id=provider_request_id,
+                )
+        return classify_http_error(
+            response.status_code,
+            code,
+            message,
+            retry_after_s=retry_after_s,
+            provider_request_id=provider_request_id,
+        )
