@@ -669,13 +669,32 @@ class _RequestHandler(BaseHTTPRequestHandler):
         self._send(reply)
 
     def _read_body(self) -> bytes | None:
-        """The request body, or None when its length is unknown (chunked, or a bad header)."""
+        """The request body, or None when its length cannot be known (a bad header).
+
+        Chunked bodies (what httpx sends for a streamed body) are read to their end: answering
+        before the body is consumed and closing would reset the connection under the client.
+        """
         if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
-            return None
+            return self._read_chunked()
         length = self.headers.get("Content-Length", "0").strip()
         if not (length.isascii() and length.isdigit()):
             return None
         return self.rfile.read(int(length))
+
+    def _read_chunked(self) -> bytes | None:
+        parts = []
+        while True:
+            size_line = self.rfile.readline(65537)
+            try:
+                size = int(size_line.split(b";", 1)[0].strip(), 16)
+            except ValueError:
+                return None
+            if size == 0:
+                while self.rfile.readline(65537) not in (b"\r\n", b"\n", b""):
+                    pass  # trailers
+                return b"".join(parts)
+            parts.append(self.rfile.read(size))
+            self.rfile.readline(3)  # the CRLF after each chunk
 
     def _send(self, reply: Reply) -> None:
         if isinstance(reply.body, bytes):
