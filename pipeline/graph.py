@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import apache_beam as beam
@@ -19,13 +20,14 @@ from apache_beam.pvalue import AsList, AsSingleton
 
 from pipeline.config import Config
 from transforms.bundle import BundleCaps, PackBundles
+from transforms.cache import CacheSpec, LookupCache, cache_spec, compact_run_files
 from transforms.embed import EmbedBundles, EmbedSettings
 from transforms.limits import RateLimits
 from transforms.manifest import RunInfo, build_manifest, manifest_url, write_json_atomically
 from transforms.read import ReadCorpus
 from transforms.retry import RetryPolicy
 from transforms.split import SplitChunks
-from transforms.types import WrittenFile
+from transforms.types import Chunk, EmbeddedBatch, WrittenFile
 from transforms.validate import ValidateDocuments
 from transforms.write import (
     REJECTS,
@@ -72,7 +74,7 @@ def run_info(cfg: Config, ctx: RunContext) -> RunInfo:
     )
 
 
-def embed_settings(cfg: Config, ctx: RunContext) -> EmbedSettings:
+def embed_settings(cfg: Config, ctx: RunContext, cache: CacheSpec | None = None) -> EmbedSettings:
     limits = RateLimits(cfg.limits.requests_per_minute, cfg.limits.tokens_per_minute)
     return EmbedSettings(
         run_id=ctx.run_id,
@@ -81,6 +83,7 @@ def embed_settings(cfg: Config, ctx: RunContext) -> EmbedSettings:
         max_concurrency=cfg.limits.max_concurrency,
         retry=RetryPolicy(cfg.retry.max_attempts, cfg.retry.max_wait_s, cfg.retry.initial_wait_s),
         progress_interval_s=ctx.progress_interval_s,
+        cache=cache,
     )
 
 
@@ -95,20 +98,27 @@ def bundle_caps(cfg: Config) -> BundleCaps:
 class _CommitFn(beam.DoFn):
     """Writes the manifest once every shard is committed (side inputs are complete by then)."""
 
-    def __init__(self, info: RunInfo, spec: OutputSpec) -> None:
+    def __init__(self, info: RunInfo, spec: OutputSpec, cache: CacheSpec | None) -> None:
         self.info = info
         self.spec = spec
+        self.cache = cache
 
-    def process(self, _: object, files, records_read, documents_valid, chunks, fatal):
+    def process(self, _: object, files, records_read, documents_valid, chunks, fatal,
+                cache_counts):
         files = list(files)
         kinds = {f.kind for f in files}
         # Always leave a readable file per table, so `KIND/*.parquet` globs never come up empty.
         for kind in (REJECTS, USAGE):
             if kind.name not in kinds:
                 files.append(write_rows(kind, [], self.spec, name="part-empty.parquet"))
+        cache = None
+        if self.cache is not None:
+            compact_run_files(self.cache, self.spec.rows_per_file)
+            cache = {"enabled": True, "path": self.cache.url,
+                     **dict(zip(("hits", "misses", "duplicates", "tokens_saved"), cache_counts))}
         manifest = build_manifest(
             self.info, files, records_read=records_read, documents_valid=documents_valid,
-            chunks=chunks, fatal=sorted(set(fatal)),
+            chunks=chunks, fatal=sorted(set(fatal)), cache=cache,
         )
         storage = dict(self.spec.storage_options)
         fs, root = self.spec.filesystem()
@@ -124,15 +134,22 @@ def build_pipeline(p: beam.Pipeline, cfg: Config, ctx: RunContext) -> None:
     read = p | "ReadCorpus" >> ReadCorpus(cfg.input)
     valid = read["records"] | "ValidateDocuments" >> ValidateDocuments(cfg.validate_)
     split = valid["documents"] | "SplitChunks" >> SplitChunks(cfg.split)
-    bundles = split["chunks"] | "PackBundles" >> PackBundles(bundle_caps(cfg))
-    embedded = bundles | "EmbedBundles" >> EmbedBundles(embed_settings(cfg, ctx))
+    cache = cache_spec(cfg, ctx.run_id)
+    if cache is not None:
+        looked_up = split["chunks"] | "LookupCache" >> LookupCache(cache)
+        cached, to_embed = [looked_up["hits"]], looked_up["misses"]
+    else:
+        cached, to_embed = [], split["chunks"]
+    bundles = to_embed | "PackBundles" >> PackBundles(bundle_caps(cfg))
+    embedded = bundles | "EmbedBundles" >> EmbedBundles(embed_settings(cfg, ctx, cache))
+    vectors = (embedded["vectors"], *cached) | "CollectVectors" >> beam.Flatten()
 
     rejects = (
         read["rejects"], valid["rejects"], split["rejects"], embedded["rejects"]
     ) | "CollectRejects" >> beam.Flatten()
     files = (
         p | "LauncherFiles" >> beam.Create(list(ctx.extra_files)),
-        embedded["vectors"] | "WriteVectors" >> WriteShards(VECTORS, spec),
+        vectors | "WriteVectors" >> WriteShards(VECTORS, spec),
         embedded["usage"] | "WriteUsage" >> WriteShards(USAGE, spec),
         rejects | "WriteRejects" >> WriteShards(REJECTS, spec),
     ) | "CollectFiles" >> beam.Flatten()
@@ -144,11 +161,32 @@ def build_pipeline(p: beam.Pipeline, cfg: Config, ctx: RunContext) -> None:
         p
         | "StartCommit" >> beam.Create([None])
         | "CommitManifest" >> beam.ParDo(
-            _CommitFn(run_info(cfg, ctx), spec),
+            _CommitFn(run_info(cfg, ctx), spec, cache),
             files=AsList(files),
             records_read=count(read["records"], "CountRecords"),
             documents_valid=count(valid["documents"], "CountDocuments"),
             chunks=count(split["chunks"], "CountChunks"),
             fatal=AsList(embedded["fatal"]),
+            cache_counts=AsSingleton(cache_counts(cached, to_embed)),
         )
     )
+
+
+def _sum_rows(rows: Iterable[tuple[int, ...]]) -> tuple[int, ...]:
+    return tuple(sum(column) for column in zip(*rows, strict=True)) or (0, 0, 0, 0)
+
+
+def cache_counts(cached: list[beam.PCollection], to_embed: beam.PCollection) -> beam.PCollection:
+    """``(hits, misses, duplicates, tokens_saved)``: chunks served from the cache, texts sent,
+    chunks that rode along with an identical text, and the tokens those two groups did not cost.
+    """
+    def sent(chunk: Chunk) -> tuple[int, ...]:
+        return (0, 1, len(chunk.twins), sum(t.n_tokens for t in chunk.twins))
+
+    def hit(batch: EmbeddedBatch) -> tuple[int, ...]:
+        return (len(batch), 0, 0, sum(c.n_tokens for c in batch.chunks))
+
+    rows = [to_embed | "CountSent" >> beam.Map(sent)]
+    rows += [pcoll | "CountHits" >> beam.Map(hit) for pcoll in cached]
+    return tuple(rows) | "FlattenCacheCounts" >> beam.Flatten() | "SumCacheCounts" >> (
+        beam.CombineGlobally(_sum_rows))

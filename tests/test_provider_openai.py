@@ -87,8 +87,10 @@ def test_vllm_poison_input_is_isolated_and_missing_usage_is_estimated(tmp_path: 
     assert ids == set(expected_chunks(expected.documents))  # every sibling embedded
     ok = [u for u in t["usage"].to_pylist() if u["outcome"] == "ok"]
     assert all(u["tokens_estimated"] for u in ok)
-    by_id = dict(zip(t["vectors"].column("id").to_pylist(), t["vectors"].column("n_tokens").to_pylist()))
-    assert sum(u["prompt_tokens"] for u in ok) == sum(by_id.values()) + 2  # + the preflight's 2
+    # Estimated from the local count of each distinct text sent, + the preflight's 2 tokens.
+    per_text = dict(zip(t["vectors"].column("content_sha256").to_pylist(),
+                        t["vectors"].column("n_tokens").to_pylist()))
+    assert sum(u["prompt_tokens"] for u in ok) == sum(per_text.values()) + 2
     assert manifest["counts"]["requests"] == requests
     # Bisection: about log2(8) extra requests for the one poison chunk, not one per sibling.
     failed = [u for u in t["usage"].to_pylist() if u["http_status"] == 400]

@@ -38,6 +38,7 @@ from apache_beam.metrics import Metrics
 from apache_beam.transforms.window import GlobalWindows
 
 from pipeline.config import ProviderConfig
+from transforms.cache import CacheSpec, CacheWriter
 from transforms.errors import (
     FatalProviderError,
     InputRejectedError,
@@ -84,6 +85,7 @@ class EmbedSettings:
     max_concurrency: int
     retry: RetryPolicy
     progress_interval_s: float | None = 5.0  # None: no progress lines (--quiet)
+    cache: CacheSpec | None = None  # where finished vectors are remembered; None: no cache
 
 
 @dataclass
@@ -126,6 +128,7 @@ class EmbedSession:
         # Largest request the server accepted after a "too large" answer (learned, shrinks only).
         self._max_inputs = settings.provider.max_inputs_per_request
         self.worker = f"{socket.gethostname()}:{os.getpid()}"
+        self._cache = CacheWriter(settings.cache) if settings.cache is not None else None
         self._progress = (
             ProgressReporter(self.worker, settings.limits.tokens_per_minute,
                              settings.progress_interval_s)
@@ -158,6 +161,8 @@ class EmbedSession:
         step = self._max_inputs
         for start in range(0, len(bundle.chunks), step):
             self._embed_span(bundle, start, bundle.chunks[start : start + step], out)
+        self._remember(out.batches)
+        out.batches = [b.with_twins() for b in out.batches]
         if self._progress is not None:
             self._progress.finished(sum(len(b) for b in out.batches), len(out.rejects), out.usage)
         with self._abort_lock:
@@ -171,22 +176,22 @@ class EmbedSession:
     ) -> None:
         """Embed ``chunks`` (a span of ``bundle``), bisecting on per-input or size errors."""
         if self._abort_message is not None:
-            out.rejects.extend(_reject(c, ABORTED, self._abort_message, 0) for c in chunks)
+            out.rejects.extend(_rejects(chunks, ABORTED, self._abort_message, 0))
             return
         try:
             result = self._request(bundle, offset, chunks, out)
         except FatalProviderError as exc:
             message = self._abort(f"the provider refused the run: {self._describe(exc)}")
-            out.rejects.extend(_reject(c, ABORTED, message, 1) for c in chunks)
+            out.rejects.extend(_rejects(chunks, ABORTED, message, 1))
             return
         except RetryableError as exc:
             attempts = self.settings.retry.max_attempts
             detail = f"gave up after {attempts} attempts: {self._describe(exc)}"
-            out.rejects.extend(_reject(c, RETRIES_EXHAUSTED, detail, attempts) for c in chunks)
+            out.rejects.extend(_rejects(chunks, RETRIES_EXHAUSTED, detail, attempts))
             return
         except (InputRejectedError, RequestTooLargeError) as exc:
             if len(chunks) == 1:
-                out.rejects.append(_reject(chunks[0], PROVIDER_REJECTED, self._describe(exc), 1))
+                out.rejects.extend(_rejects(chunks, PROVIDER_REJECTED, self._describe(exc), 1))
                 return
             if isinstance(exc, RequestTooLargeError) and exc.max_inputs:
                 # The server said its cap: obey it from now on. Without a stated cap, only this
@@ -252,6 +257,21 @@ class EmbedSession:
 
     # -- helpers ----------------------------------------------------------------------------
 
+    def _remember(self, batches: list[EmbeddedBatch]) -> None:
+        """Commit the bundle's new vectors to the cache now, so a crash cannot lose them.
+
+        A cache that cannot be written costs money on a re-run, not correctness: the vectors
+        still reach the output, so a failure here is logged and the run goes on.
+        """
+        if self._cache is None or not batches:
+            return
+        try:
+            self._cache.write(batches)
+        except Exception as exc:  # noqa: BLE001 - see the docstring
+            log.warning("embedpipe: could not write to the cache at %s (%s: %s)",
+                        self.settings.cache.url if self.settings.cache else "?",
+                        type(exc).__name__, exc)
+
     def _learn_max_inputs(self, cap: int) -> None:
         """Remember a smaller request size for every later bundle of this process."""
         cap = max(1, cap)
@@ -294,16 +314,14 @@ class EmbedSession:
         )
 
 
-def _reject(chunk: Chunk, reason: str, detail: str, attempts: int) -> Reject:
-    return Reject(
-        id=chunk.chunk_id,
-        doc_id=chunk.doc_id,
-        source=chunk.source,
-        stage=STAGE_EMBED,
-        reason=reason,
-        detail=detail,
-        attempts=attempts,
-    )
+def _rejects(chunks: Sequence[Chunk], reason: str, detail: str, attempts: int) -> list[Reject]:
+    """One reject per chunk and per twin of it: a twin shares its original's fate."""
+    return [
+        Reject(id=x.chunk_id, doc_id=x.doc_id, source=x.source, stage=STAGE_EMBED,
+               reason=reason, detail=detail, attempts=attempts)
+        for c in chunks
+        for x in (c, *c.twins)
+    ]
 
 
 # -- the per-process session registry --------------------------------------------------------

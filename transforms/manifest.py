@@ -56,6 +56,7 @@ def build_manifest(
     documents_valid: int,
     chunks: int,
     fatal: list[str],
+    cache: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The final manifest, computed from the files actually committed."""
     files = sorted(files, key=lambda f: (f.kind, f.path))
@@ -98,6 +99,7 @@ def build_manifest(
             "prompt_tokens": usage.get("prompt_tokens", 0),
             "total_tokens": usage.get("total_tokens", 0),
         },
+        "cache": cache or {"enabled": False},
         "config": json.loads(run.config),
         "files": [{"kind": f.kind, "path": f.path, "rows": f.rows} for f in files],
     }

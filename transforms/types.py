@@ -16,7 +16,7 @@ hashable, picklable and impossible to mutate by accident, unlike a shared ``dict
 from __future__ import annotations
 
 import datetime as dt
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -122,6 +122,9 @@ class Chunk:
     text: str
     source: str
     metadata: Metadata = ()
+    #: Other chunks of the corpus with exactly this text (set by the cache lookup): they are not
+    #: sent, and get this chunk's vector. Usage and packing count this chunk only.
+    twins: tuple[Chunk, ...] = ()
 
     @property
     def n_bytes(self) -> int:
@@ -165,6 +168,14 @@ class EmbeddedBatch:
 
     def __len__(self) -> int:
         return len(self.chunks)
+
+    def with_twins(self) -> EmbeddedBatch:
+        """The batch with every chunk's twins added, each with its original's vector."""
+        if not any(c.twins for c in self.chunks):
+            return self
+        rows = [i for i, c in enumerate(self.chunks) for _ in range(1 + len(c.twins))]
+        chunks = tuple(x for c in self.chunks for x in (replace(c, twins=()), *c.twins))
+        return EmbeddedBatch(chunks=chunks, model=self.model, vectors=self.vectors[rows])
 
 
 @dataclass(frozen=True, slots=True)

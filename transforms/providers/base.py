@@ -114,9 +114,14 @@ class Provider:
         response = self.send(client, self.build_request(texts, api_key))
         if response.status_code >= 400:
             raise self.classify_error(response)
-        result = self.parse_response(response, len(texts), est_tokens)
-        vectors = self.finalize_vectors(result.vectors)
-        check_vectors(vectors, len(texts), self.expected_dim)
+        try:
+            result = self.parse_response(response, len(texts), est_tokens)
+            vectors = self.finalize_vectors(result.vectors)
+            check_vectors(vectors, len(texts), self.expected_dim)
+        except MalformedResponseError as exc:
+            exc.http_status = response.status_code  # a 200 whose body cannot be trusted
+            exc.provider_request_id = exc.provider_request_id or request_id_of(response)
+            raise
         return EmbeddingResult(
             vectors=vectors,
             prompt_tokens=result.prompt_tokens,
