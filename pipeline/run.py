@@ -45,6 +45,7 @@ from transforms.manifest import (
     utc_now,
     write_json_atomically,
 )
+from transforms.providers.base import CANNOT_CONNECT
 from transforms.retry import RetryPolicy
 from transforms.types import PROVIDER_REJECTED, Chunk
 from transforms.write import USAGE, write_rows
@@ -151,12 +152,15 @@ def preflight_failure(cfg: Config, outcome: BundleOutcome) -> str | None:
     p = cfg.provider
     last = outcome.usage[-1] if outcome.usage else None
     status = last.http_status if last else None
+    never_connected = bool(outcome.usage) and all(
+        u.http_status is None and CANNOT_CONNECT in (u.error or "") for u in outcome.usage
+    )
     if outcome.fatal is not None:
         problem = outcome.fatal
-    elif outcome.rejects and (outcome.rejects[0].reason == PROVIDER_REJECTED or status is None):
+    elif outcome.rejects and (outcome.rejects[0].reason == PROVIDER_REJECTED or never_connected):
         problem = outcome.rejects[0].detail
     else:
-        return None
+        return None  # it answered, if badly: the pipeline's full retry policy takes over
     hint = {
         401: f"check the key in ${p.api_key_env}",
         403: f"check that the key in ${p.api_key_env} may use model {p.model!r} and has quota",

@@ -190,3 +190,19 @@ def test_bad_key_exits_3_fast_and_never_shows_the_key(tmp_path: Path) -> None:
     manifest = json.loads((output / "manifest.json").read_text())
     assert manifest["status"] == "aborted"
     assert "401" in manifest["error"]
+
+
+def test_unreachable_base_url_exits_3_with_a_hint(tmp_path: Path) -> None:
+    import socket
+
+    with socket.socket() as probe:  # a loopback port with nothing listening on it
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    root = str(tmp_path / "corpus")
+    write_corpus(root)
+    cfg = make_config(corpus_patterns(root), str(tmp_path / "out"), f"http://127.0.0.1:{port}/v1")
+    t0 = time.monotonic()
+    assert execute(RunRequest(cfg, quiet=True)) == 3
+    assert time.monotonic() - t0 < 10
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert manifest["status"] == "aborted" and "reachable" in manifest["error"]

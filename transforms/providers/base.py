@@ -142,6 +142,10 @@ class Provider:
                 headers=dict(request.headers),
                 params=request.params,
             )
+        except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
+            raise RetryableError(
+                f"{CANNOT_CONNECT} {request.url} ({type(exc).__name__}: {exc})"
+            ) from exc
         except httpx.TimeoutException as exc:
             raise RetryableError(
                 f"no answer within provider.timeout_s={self.cfg.timeout_s:g}s "
@@ -176,6 +180,10 @@ class Provider:
 
 
 # -- helpers shared by the dialects ---------------------------------------------------------
+
+#: How a failure to open a connection at all is described (the preflight tells it apart from a
+#: server that answers badly: only the first means a wrong or unreachable ``base_url``).
+CANNOT_CONNECT = "cannot connect to"
 
 _QUOTA_WORDS = ("insufficient_quota", "quota", "billing", "overdue", "setlimitexceeded")
 
