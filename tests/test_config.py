@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
-from pipeline.config import apply_overrides, parse_config
+from pipeline.config import apply_overrides, load_config, parse_config
 from transforms.errors import ConfigError
 
 BASE = {"input": {"path": "data/*.jsonl"}}
@@ -57,3 +59,10 @@ def test_public_dict_redacts_storage_secrets() -> None:
     dumped = str(cfg.public_dict())
     assert "AKIA123" not in dumped and "s3cr3t" not in dumped
     assert "http://127.0.0.1:9" in dumped
+
+
+@pytest.mark.parametrize("path", sorted((Path(__file__).parents[1] / "configs").glob("*.yaml")),
+                         ids=lambda p: p.name)
+def test_shipped_configs_are_valid(path: Path) -> None:
+    cfg = load_config(path)
+    assert cfg.provider.api_key_env is None or cfg.provider.api_key_env.isupper()
