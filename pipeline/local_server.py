@@ -350,7 +350,7 @@ class ServerStats:
 
 
 @dataclass(frozen=True, slots=True)
-class _EmbeddingRequest:
+class EmbeddingRequest:
     texts: tuple[str, ...]
     encoding_format: str
     dimensions: int | None
@@ -519,12 +519,21 @@ class EmbeddingServer:
 
     def handle_embeddings(self, payload: dict[str, Any], headers: Mapping[str, str]) -> Reply:
         """``POST /v1/embeddings``: validate, embed, count and answer as OpenAI does."""
-        request = self._parse_embedding_request(payload)
+        request = self.parse_embedding_request(payload)
+        body = self.embedding_body(request)
+        self.record_served(request.texts, body["usage"]["prompt_tokens"])
+        return Reply(200, body)
+
+    def embedding_body(self, request: EmbeddingRequest) -> dict[str, Any]:
+        """The 200 body for a valid request, without counting it as served.
+
+        Subclasses that alter or break answers build on this and call :meth:`record_served`
+        only for what they deliver intact.
+        """
         vectors = self.embedder.embed(request.texts)
         if request.dimensions is not None:
             vectors = truncate_dimensions(vectors, request.dimensions)
         tokens = sum(count_tokens(text) for text in request.texts)
-        self.record_served(request.texts, tokens)
         data = [
             {
                 "object": "embedding",
@@ -534,9 +543,9 @@ class EmbeddingServer:
             for index, vector in enumerate(vectors)
         ]
         usage = {"prompt_tokens": tokens, "total_tokens": tokens}
-        return Reply(200, {"object": "list", "data": data, "model": self.model, "usage": usage})
+        return {"object": "list", "data": data, "model": self.model, "usage": usage}
 
-    def _parse_embedding_request(self, payload: dict[str, Any]) -> _EmbeddingRequest:
+    def parse_embedding_request(self, payload: dict[str, Any]) -> EmbeddingRequest:
         """Check a request as strictly as OpenAI does, so client bugs surface here first."""
         unknown = sorted(set(payload) - _REQUEST_FIELDS)
         if unknown:
@@ -569,7 +578,7 @@ class EmbeddingServer:
                 f"dimensions must be an integer from 1 to {self.dim}, got {dimensions!r}",
                 param="dimensions",
             )
-        return _EmbeddingRequest(_parse_input(payload.get("input")), encoding_format, dimensions)
+        return EmbeddingRequest(_parse_input(payload.get("input")), encoding_format, dimensions)
 
     # -- plumbing ------------------------------------------------------------------------------
 
@@ -682,7 +691,7 @@ class _RequestHandler(BaseHTTPRequestHandler):
         return self.rfile.read(int(length))
 
     def _read_chunked(self) -> bytes | None:
-        parts = []
+        parts: list[bytes] = []
         while True:
             size_line = self.rfile.readline(65537)
             try:

@@ -155,7 +155,7 @@ class EnvelopeServer(EmbeddingServer):
             raise ApiError(400, "parameters, when sent, must be a non-empty object")
         # The base class checks model, input, encoding_format and dimensions as strictly as
         # OpenAI does; `parameters` is the one field this dialect adds.
-        request = self._parse_embedding_request(
+        request = self.parse_embedding_request(
             {key: value for key, value in payload.items() if key != "parameters"}
         )
         if self.poison is not None:

@@ -362,7 +362,6 @@ class FaultServer(EmbeddingServer):
         self._quota_used = 0  # served requests since start; reset_stats leaves it alone
         self._tally = _Tally()
         # Set on a handling thread while the base handler builds an answer: see record_served.
-        self._holding_back = threading.local()
 
     # -- measurements ----------------------------------------------------------------------
 
@@ -408,16 +407,6 @@ class FaultServer(EmbeddingServer):
             super().reset_stats()
             self._tally = _Tally()
 
-    def record_served(self, texts: Sequence[str], tokens: int) -> None:
-        """Count served inputs, except from the base handler, whose answer may yet be broken.
-
-        The base :meth:`handle_embeddings` records as it builds the answer; here the fault is
-        applied afterwards, so that call is held back and intact answers are recorded by
-        :meth:`_record_answer` instead.
-        """
-        if not getattr(self._holding_back, "active", False):
-            super().record_served(texts, tokens)
-
     # -- request handling --------------------------------------------------------------------
 
     def route(self, method: str, path: str, payload: Any, headers: Mapping[str, str]) -> Reply:
@@ -428,7 +417,7 @@ class FaultServer(EmbeddingServer):
 
     def handle_embeddings(self, payload: dict[str, Any], headers: Mapping[str, str]) -> Reply:
         """Validate as the base server does, judge on arrival, wait, then answer per the verdict."""
-        texts = self._parse_embedding_request(payload).texts
+        texts = self.parse_embedding_request(payload).texts
         tokens = sum(count_tokens(text) for text in texts)
         with self._lock:
             verdict = self._judge(texts, tokens)
@@ -444,7 +433,7 @@ class FaultServer(EmbeddingServer):
                 )
             case Outcome.ERROR_503_HTML:
                 return Reply(503, _HTML_503, {**verdict.headers, "content-type": "text/html"})
-        body = self._unrecorded_body(payload, headers)
+        body = self.embedding_body(self.parse_embedding_request(payload))
         match verdict.outcome:
             case Outcome.TRUNCATED:
                 raw = json.dumps(body).encode()
@@ -526,18 +515,6 @@ class FaultServer(EmbeddingServer):
         if marker is None:
             return None
         return next((index for index, text in enumerate(texts) if marker in text), None)
-
-    def _unrecorded_body(
-        self, payload: dict[str, Any], headers: Mapping[str, str]
-    ) -> dict[str, Any]:
-        """The base server's 200 body for ``payload``, without it counting the inputs as served."""
-        self._holding_back.active = True
-        try:
-            reply = super().handle_embeddings(payload, headers)
-        finally:
-            self._holding_back.active = False
-        assert isinstance(reply.body, dict)
-        return reply.body
 
     def _record_answer(self, texts: Sequence[str], tokens: int) -> None:
         """Count an intact answer, in the base stats and in the ok timestamps, atomically."""
