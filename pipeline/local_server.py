@@ -765,13 +765,18 @@ def serve_local_main(argv: list[str] | None = None) -> int:
         )
         return 2
     print(f"embedpipe local server on {server.base_url} (dim={server.dim})", flush=True)
+    serve_until_interrupted(server)
+    return 0
+
+
+def serve_until_interrupted(server: EmbeddingServer) -> None:
+    """Serve in the foreground until Ctrl-C, then stop."""
     try:
         server.serve_forever()
     except KeyboardInterrupt:
         pass
     finally:
         server.stop()
-    return 0
 
 
 if __name__ == "__main__":

@@ -61,6 +61,7 @@ from pipeline.local_server import (
     Reply,
     count_tokens,
     error_reply,
+    serve_until_interrupted,
 )
 
 __all__ = [
@@ -567,12 +568,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(str(exc))
     server = FaultServer(plan, host=args.host, port=args.port, dim=args.dim, model=args.model)
     print(server.base_url, flush=True)
-    try:
-        server.serve_forever()
-    except KeyboardInterrupt:
-        pass
-    finally:
-        server.stop()
+    serve_until_interrupted(server)
     return 0
 
 

@@ -122,13 +122,8 @@ class ArkProvider(OpenAIProvider):
             )
 
     def build_request(self, texts: Sequence[str], api_key: str | None) -> HttpRequest:
-        body = {
-            "model": self.cfg.model,
-            "input": list(texts),
-            "encoding_format": self.cfg.encoding_format,
-        }
-        headers = {**self.cfg.extra_headers, **self.auth_headers(api_key)}
-        return HttpRequest("POST", f"{self.cfg.base_url}/embeddings", body, headers)
+        return HttpRequest("POST", f"{self.cfg.base_url}/embeddings",
+                           self.body(texts, dimensions=False), self.headers(api_key))
 
     def parse_response(
         self, response: httpx.Response, n_inputs: int, est_tokens: int

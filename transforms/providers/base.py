@@ -104,6 +104,24 @@ class Provider:
         value = f"{self.cfg.auth_scheme} {api_key}" if self.cfg.auth_scheme else api_key
         return {self.cfg.auth_header: value}
 
+    def headers(self, api_key: str | None) -> dict[str, str]:
+        """``provider.extra_headers`` plus the auth header (auth wins on a clash)."""
+        return {**self.cfg.extra_headers, **self.auth_headers(api_key)}
+
+    def body(self, texts: Sequence[str], *, dimensions: bool = True) -> dict[str, Any]:
+        """The fields every dialect shares: model, inputs, encoding, and ``dimensions`` if set.
+
+        ``dimensions=False`` for APIs that reduce client-side (Ark) and must never send it.
+        """
+        body: dict[str, Any] = {
+            "model": self.cfg.model,
+            "input": list(texts),
+            "encoding_format": self.cfg.encoding_format,
+        }
+        if dimensions and self.cfg.dimensions is not None and self.cfg.send_dimensions:
+            body["dimensions"] = self.cfg.dimensions
+        return body
+
     def build_request(self, texts: Sequence[str], api_key: str | None) -> HttpRequest:
         raise NotImplementedError
 

@@ -220,17 +220,11 @@ class EnvelopeProvider(Provider):
             )
 
     def build_request(self, texts: Sequence[str], api_key: str | None) -> HttpRequest:
-        body: dict[str, Any] = {
-            "model": self.cfg.model,
-            "input": list(texts),
-            "encoding_format": self.cfg.encoding_format,
-        }
-        if self.cfg.dimensions is not None and self.cfg.send_dimensions:
-            body["dimensions"] = self.cfg.dimensions
+        body = self.body(texts)
         if self.cfg.parameters:
             body["parameters"] = dict(self.cfg.parameters)
-        headers = {**self.cfg.extra_headers, **self.auth_headers(api_key)}
-        return HttpRequest("POST", f"{self.cfg.base_url}{SUBMIT_PATH}", body, headers)
+        return HttpRequest("POST", f"{self.cfg.base_url}{SUBMIT_PATH}", body,
+                           self.headers(api_key))
 
     def embed(
         self, client: httpx.Client, texts: Sequence[str], api_key: str | None, est_tokens: int

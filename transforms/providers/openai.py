@@ -51,16 +51,9 @@ class OpenAIProvider(Provider):
     default_max_input_tokens: ClassVar[int | None] = None
 
     def build_request(self, texts: Sequence[str], api_key: str | None) -> HttpRequest:
-        body: dict[str, object] = {
-            "model": self.cfg.model,
-            "input": list(texts),
-            "encoding_format": self.cfg.encoding_format,
-        }
-        if self.cfg.dimensions is not None and self.cfg.send_dimensions:
-            body["dimensions"] = self.cfg.dimensions
-        headers = {**self.cfg.extra_headers, **self.auth_headers(api_key)}
         params = {"api-version": self.cfg.api_version} if self.cfg.api_version else None
-        return HttpRequest("POST", f"{self.cfg.base_url}/embeddings", body, headers, params)
+        return HttpRequest("POST", f"{self.cfg.base_url}/embeddings", self.body(texts),
+                           self.headers(api_key), params)
 
     def parse_response(
         self, response: httpx.Response, n_inputs: int, est_tokens: int
