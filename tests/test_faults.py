@@ -37,8 +37,8 @@ def add_short_documents(root: str, n: int) -> dict[str, str]:
     docs = {f"short-extra-{i}": f"Note {i}: " + long_text("cooking", 1, 100 + i)[:200]
             for i in range(n)}
     with open(f"{root}/docs.jsonl", "a", encoding="utf-8") as f:
-        for doc_id, text in docs.items():
-            f.write(json.dumps({"id": doc_id, "text": text, "lang": "en"}) + "\n")
+        f.writelines(json.dumps({"id": doc_id, "text": text, "lang": "en"}) + "\n"
+                     for doc_id, text in docs.items())
     return docs
 
 
