@@ -1,7 +1,7 @@
 """The content-addressed embedding cache: never pay twice for the same text.
 
-A vector is determined by (provider kind, endpoint host, model, dimensions, normalisation) and
-the chunk text. The first five name a *namespace*, a folder under ``cache.path``; inside it,
+A vector is determined by (provider kind, endpoint, model, dimensions, normalisation, request
+parameters) and the chunk text. The first six name a *namespace*, a folder under ``cache.path``; inside it,
 Parquet files hold ``(content_sha256, embedding)`` rows. So:
 
 - **Lookup is a join, not a read per chunk.** ``LookupCache`` reads the namespace's files once,
@@ -58,10 +58,17 @@ class CacheSpec:
 
 
 def namespace_key(cfg: Config) -> dict[str, Any]:
-    """What a cached vector depends on besides its text."""
+    """What a cached vector depends on besides its text.
+
+    The whole endpoint, not only its host: two Azure deployments, or a gateway routing paths to
+    different models, share a host but not their vectors. ``parameters`` (envelope APIs) can
+    change the vectors too.
+    """
     p = cfg.provider
-    return {"kind": p.kind, "host": urlsplit(p.base_url).netloc, "model": p.model,
-            "dimensions": p.dimensions, "normalize": p.normalize}
+    endpoint = urlsplit(p.base_url)
+    return {"kind": p.kind, "endpoint": f"{endpoint.netloc}{endpoint.path}".rstrip("/"),
+            "model": p.model, "dimensions": p.dimensions, "normalize": p.normalize,
+            "parameters": p.parameters}
 
 
 def default_cache_root(output_path: str) -> str:
@@ -146,14 +153,23 @@ def compact_run_files(spec: CacheSpec, rows_per_file: int) -> int:
 # -- lookup ------------------------------------------------------------------------------------
 
 
-def _list_cache_files(spec: CacheSpec) -> list[str]:
+def list_cache_files(spec: CacheSpec) -> list[str]:
     fs, root = spec.filesystem()
     return sorted(fs.unstrip_protocol(p) for p in fs.glob(f"{root}/*.parquet"))
 
 
-def _read_cache_file(url: str, spec: CacheSpec) -> Iterator[tuple[str, np.ndarray]]:
-    with fsspec.open(url, "rb", **dict(spec.storage_options)) as handle:
-        table = pq.read_table(handle)
+def read_cache_file(url: str, spec: CacheSpec) -> Iterator[tuple[str, np.ndarray]]:
+    """The entries of one cache file; a file gone since the listing is simply empty.
+
+    Another run sharing the namespace may compact (and delete) its small files between our
+    listing and our read: their rows live on in that run's compacted files, so nothing is lost
+    but a hit, which costs a request, never correctness.
+    """
+    try:
+        with fsspec.open(url, "rb", **dict(spec.storage_options)) as handle:
+            table = pq.read_table(handle)
+    except FileNotFoundError:
+        return
     if not table.num_rows:
         return
     column = table.column("embedding").combine_chunks()
@@ -187,9 +203,9 @@ class LookupCache(beam.PTransform):
         cached = (
             chunks.pipeline
             | "CacheNamespace" >> beam.Create([spec.url])
-            | "ListCacheFiles" >> beam.FlatMap(lambda _: _list_cache_files(spec))
+            | "ListCacheFiles" >> beam.FlatMap(lambda _: list_cache_files(spec))
             | "SpreadCacheFiles" >> beam.Reshuffle()
-            | "ReadCacheFiles" >> beam.FlatMap(_read_cache_file, spec)
+            | "ReadCacheFiles" >> beam.FlatMap(read_cache_file, spec)
         )
         keyed = chunks | "KeyByText" >> beam.Map(lambda c: (c.content_sha256, c))
         resolved = (
