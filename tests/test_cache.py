@@ -36,7 +36,7 @@ from pipeline.config import Config, parse_config
 from pipeline.local_server import EmbeddingServer, HashingEmbedder, Reply
 from pipeline.run import PREFLIGHT_TEXT, RunRequest, execute
 from tests.harness import MODEL, expected_chunks, make_config, read_output
-from transforms.cache import read_cache_file, cache_spec
+from transforms.cache import cache_spec, read_cache_file
 from transforms.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
