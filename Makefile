@@ -5,7 +5,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: setup run test bench lint clean
+.PHONY: setup run test bench bench-cache lint clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -23,6 +23,9 @@ test: setup
 
 bench: setup
 	$(BIN)/python -m tests.bench $(BENCH_ARGS)
+
+bench-cache: setup
+	$(BIN)/python -m tests.bench_cache $(BENCH_ARGS)
 
 lint: setup
 	$(BIN)/python -m pip install --quiet ruff==0.17.6 mypy==2.4.1
