@@ -12,7 +12,6 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
 from dataclasses import dataclass
 
 import apache_beam as beam
@@ -20,23 +19,16 @@ from apache_beam.pvalue import AsList, AsSingleton
 
 from pipeline.config import Config
 from transforms.bundle import BundleCaps, PackBundles
-from transforms.cache import CacheSpec, LookupCache, cache_spec, compact_run_files
+from transforms.cache import CacheSpec, LookupCache, cache_spec, count_cache_outcomes
 from transforms.embed import EmbedBundles, EmbedSettings
 from transforms.limits import RateLimits
-from transforms.manifest import RunInfo, build_manifest, manifest_url, write_json_atomically
+from transforms.manifest import CommitManifestFn, RunInfo
 from transforms.read import ReadCorpus
 from transforms.retry import RetryPolicy
 from transforms.split import SplitChunks
-from transforms.types import Chunk, EmbeddedBatch, WrittenFile
+from transforms.types import WrittenFile
 from transforms.validate import ValidateDocuments
-from transforms.write import (
-    REJECTS,
-    USAGE,
-    VECTORS,
-    OutputSpec,
-    WriteShards,
-    write_rows,
-)
+from transforms.write import REJECTS, USAGE, VECTORS, OutputSpec, WriteShards
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,39 +87,6 @@ def bundle_caps(cfg: Config) -> BundleCaps:
     )
 
 
-class _CommitFn(beam.DoFn):
-    """Writes the manifest once every shard is committed (side inputs are complete by then)."""
-
-    def __init__(self, info: RunInfo, spec: OutputSpec, cache: CacheSpec | None) -> None:
-        self.info = info
-        self.spec = spec
-        self.cache = cache
-
-    def process(self, _: object, files, records_read, documents_valid, chunks, fatal,
-                cache_counts):
-        files = list(files)
-        kinds = {f.kind for f in files}
-        # Always leave a readable file per table, so `KIND/*.parquet` globs never come up empty.
-        for kind in (REJECTS, USAGE):
-            if kind.name not in kinds:
-                files.append(write_rows(kind, [], self.spec, name="part-empty.parquet"))
-        cache = None
-        if self.cache is not None:
-            compact_run_files(self.cache, self.spec.rows_per_file)
-            cache = {"enabled": True, "path": self.cache.url,
-                     **dict(zip(("hits", "misses", "duplicates", "tokens_saved"), cache_counts))}
-        manifest = build_manifest(
-            self.info, files, records_read=records_read, documents_valid=documents_valid,
-            chunks=chunks, fatal=sorted(set(fatal)), cache=cache,
-        )
-        storage = dict(self.spec.storage_options)
-        fs, root = self.spec.filesystem()
-        if fs.exists(f"{root}/_temporary"):
-            fs.rm(f"{root}/_temporary", recursive=True)
-        write_json_atomically(manifest_url(self.spec.path), manifest, storage)
-        yield manifest
-
-
 def build_pipeline(p: beam.Pipeline, cfg: Config, ctx: RunContext) -> None:
     """Wire the whole job onto ``p``; no I/O happens here."""
     spec = output_spec(cfg, ctx)
@@ -161,32 +120,12 @@ def build_pipeline(p: beam.Pipeline, cfg: Config, ctx: RunContext) -> None:
         p
         | "StartCommit" >> beam.Create([None])
         | "CommitManifest" >> beam.ParDo(
-            _CommitFn(run_info(cfg, ctx), spec, cache),
+            CommitManifestFn(run_info(cfg, ctx), spec, cache),
             files=AsList(files),
             records_read=count(read["records"], "CountRecords"),
             documents_valid=count(valid["documents"], "CountDocuments"),
             chunks=count(split["chunks"], "CountChunks"),
             fatal=AsList(embedded["fatal"]),
-            cache_counts=AsSingleton(cache_counts(cached, to_embed)),
+            cache_counts=AsSingleton(count_cache_outcomes(cached, to_embed)),
         )
     )
-
-
-def _sum_rows(rows: Iterable[tuple[int, ...]]) -> tuple[int, ...]:
-    return tuple(sum(column) for column in zip(*rows, strict=True)) or (0, 0, 0, 0)
-
-
-def cache_counts(cached: list[beam.PCollection], to_embed: beam.PCollection) -> beam.PCollection:
-    """``(hits, misses, duplicates, tokens_saved)``: chunks served from the cache, texts sent,
-    chunks that rode along with an identical text, and the tokens those two groups did not cost.
-    """
-    def sent(chunk: Chunk) -> tuple[int, ...]:
-        return (0, 1, len(chunk.twins), sum(t.n_tokens for t in chunk.twins))
-
-    def hit(batch: EmbeddedBatch) -> tuple[int, ...]:
-        return (len(batch), 0, 0, sum(c.n_tokens for c in batch.chunks))
-
-    rows = [to_embed | "CountSent" >> beam.Map(sent)]
-    rows += [pcoll | "CountHits" >> beam.Map(hit) for pcoll in cached]
-    return tuple(rows) | "FlattenCacheCounts" >> beam.Flatten() | "SumCacheCounts" >> (
-        beam.CombineGlobally(_sum_rows))

@@ -36,7 +36,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.config import Config
-from transforms.types import EmbeddedBatch
+from transforms.types import Chunk, EmbeddedBatch
 
 TAG_MISSES = "misses"
 SMALL_FILE_PREFIX = "run-"
@@ -215,3 +215,23 @@ class LookupCache(beam.PTransform):
                 TAG_MISSES, main="hits")
         )
         return {"hits": resolved.hits, "misses": resolved[TAG_MISSES]}
+
+
+def _sum_rows(rows: Iterable[tuple[int, ...]]) -> tuple[int, ...]:
+    return tuple(sum(column) for column in zip(*rows, strict=True)) or (0, 0, 0, 0)
+
+
+def count_cache_outcomes(cached: list[beam.PCollection], to_embed: beam.PCollection) -> beam.PCollection:
+    """``(hits, misses, duplicates, tokens_saved)``: chunks served from the cache, texts sent,
+    chunks that rode along with an identical text, and the tokens those two groups did not cost.
+    """
+    def sent(chunk: Chunk) -> tuple[int, ...]:
+        return (0, 1, len(chunk.twins), sum(t.n_tokens for t in chunk.twins))
+
+    def hit(batch: EmbeddedBatch) -> tuple[int, ...]:
+        return (len(batch), 0, 0, sum(c.n_tokens for c in batch.chunks))
+
+    rows = [to_embed | "CountSent" >> beam.Map(sent)]
+    rows += [pcoll | "CountHits" >> beam.Map(hit) for pcoll in cached]
+    return tuple(rows) | "FlattenCacheCounts" >> beam.Flatten() | "SumCacheCounts" >> (
+        beam.CombineGlobally(_sum_rows))

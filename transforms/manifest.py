@@ -16,9 +16,12 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
+import apache_beam as beam
 import fsspec
 
+from transforms.cache import CacheSpec, compact_run_files
 from transforms.types import NO_FILES_MATCHED, STAGE_EMBED, UNREADABLE_FILE, WrittenFile
+from transforms.write import REJECTS, USAGE, OutputSpec, write_rows
 
 STATUS_PARTIAL = "partial"
 STATUS_COMPLETE = "complete"
@@ -130,3 +133,40 @@ def read_manifest(output_url: str, storage_options: dict[str, Any] | None = None
 
 def manifest_url(output_url: str) -> str:
     return f"{output_url.rstrip('/')}/{MANIFEST_NAME}"
+
+
+class CommitManifestFn(beam.DoFn):
+    """The run's last step: compact the cache, write the manifest, drop temporary files.
+
+    It runs once (on a one-element input) with every committed file and count as side inputs,
+    which Beam completes before calling it: so the manifest is written after every shard.
+    """
+
+    def __init__(self, info: RunInfo, spec: OutputSpec, cache: CacheSpec | None) -> None:
+        self.info = info
+        self.spec = spec
+        self.cache = cache
+
+    def process(self, _: object, files, records_read, documents_valid, chunks, fatal,
+                cache_counts):
+        files = list(files)
+        kinds = {f.kind for f in files}
+        # Always leave a readable file per table, so `KIND/*.parquet` globs never come up empty.
+        for kind in (REJECTS, USAGE):
+            if kind.name not in kinds:
+                files.append(write_rows(kind, [], self.spec, name="part-empty.parquet"))
+        cache = None
+        if self.cache is not None:
+            compact_run_files(self.cache, self.spec.rows_per_file)
+            cache = {"enabled": True, "path": self.cache.url,
+                     **dict(zip(("hits", "misses", "duplicates", "tokens_saved"), cache_counts))}
+        manifest = build_manifest(
+            self.info, files, records_read=records_read, documents_valid=documents_valid,
+            chunks=chunks, fatal=sorted(set(fatal)), cache=cache,
+        )
+        storage = dict(self.spec.storage_options)
+        fs, root = self.spec.filesystem()
+        if fs.exists(f"{root}/_temporary"):
+            fs.rm(f"{root}/_temporary", recursive=True)
+        write_json_atomically(manifest_url(self.spec.path), manifest, storage)
+        yield manifest
