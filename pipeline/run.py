@@ -13,6 +13,7 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import os
+import re
 import time
 import uuid
 from collections.abc import Sequence
@@ -23,6 +24,7 @@ import apache_beam as beam
 import fsspec
 from apache_beam.metrics.metric import MetricsFilter
 from apache_beam.options.pipeline_options import (
+    DebugOptions,
     DirectOptions,
     PipelineOptions,
     StandardOptions,
@@ -98,9 +100,27 @@ def resolve_workers(cfg: Config, options: PipelineOptions) -> int:
     worker = options.view_as(WorkerOptions)
     for value in (worker.max_num_workers, worker.num_workers):
         if value:
-            return int(value)
+            return int(value) * dataflow_processes_per_worker(options)
     parallelism = options.get_all_options().get("parallelism")
     return int(parallelism) if parallelism and int(parallelism) > 0 else 1
+
+
+_VCPUS = re.compile(r"^(?:custom-(\d+)-\d+|[a-z0-9]+-[a-z]+-(\d+))")
+
+
+def dataflow_processes_per_worker(options: PipelineOptions) -> int:
+    """SDK processes per Dataflow VM: one per vCPU unless multiple SDK containers are off.
+
+    Each process has its own limiter, so they all count in the budget's share. The vCPUs come
+    from the machine type (``n2-standard-8`` → 8, ``custom-4-16384`` → 4); Dataflow's default
+    batch machine has one.
+    """
+    experiments = options.view_as(DebugOptions).experiments or []
+    if "no_use_multiple_sdk_containers" in experiments:
+        return 1
+    machine = options.view_as(WorkerOptions).machine_type or ""
+    match = _VCPUS.match(machine.rsplit("/", 1)[-1])
+    return int(match.group(1) or match.group(2)) if match else 1
 
 
 def api_key_for(cfg: Config) -> str | None:

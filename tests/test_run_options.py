@@ -26,6 +26,12 @@ def test_default_runner_is_the_offline_fn_api_runner() -> None:
         (["--direct_running_mode=multi_processing", "--direct_num_workers=3"], 3),
         (["--runner=DataflowRunner", "--max_num_workers=20", "--num_workers=5"], 20),
         (["--runner=DataflowRunner", "--num_workers=5"], 5),
+        # One SDK process per vCPU unless multiple SDK containers are turned off.
+        (["--runner=DataflowRunner", "--max_num_workers=8", "--machine_type=n2-standard-4"], 32),
+        (["--runner=DataflowRunner", "--max_num_workers=8", "--worker_machine_type=custom-6-16384"],
+         48),
+        (["--runner=DataflowRunner", "--max_num_workers=8", "--machine_type=n2-standard-4",
+          "--experiments=no_use_multiple_sdk_containers"], 8),
         (["--runner=FlinkRunner", "--parallelism=8"], 8),
         (["--runner=PortableRunner"], 1),
     ],
