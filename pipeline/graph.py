@@ -76,6 +76,7 @@ def embed_settings(cfg: Config, ctx: RunContext, cache: CacheSpec | None = None)
         retry=RetryPolicy(cfg.retry.max_attempts, cfg.retry.max_wait_s, cfg.retry.initial_wait_s),
         progress_interval_s=ctx.progress_interval_s,
         cache=cache,
+        workers=ctx.workers,
     )
 
 

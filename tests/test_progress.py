@@ -37,3 +37,15 @@ def test_close_logs_a_final_line(caplog: pytest.LogCaptureFixture) -> None:
     with caplog.at_level(logging.INFO, logger="embedpipe.progress"):
         progress.close()
     assert any("3 chunks embedded, 1 failed" in r.getMessage() for r in caplog.records)
+
+
+def test_eta_from_this_workers_share_and_pace() -> None:
+    progress = ProgressReporter("host:3", tokens_per_minute=60_000, interval_s=60)
+    progress.started()
+    assert "ETA" not in progress.line()  # nothing known yet
+    progress.expect(10_000)
+    progress._started_at -= 10.0  # ten seconds in, a quarter of the share done
+    progress.finished(4, 0, [usage(200, "ok", 2500)], est_tokens=2500)
+    line = progress.line(whole_run=True)
+    progress.close()
+    assert line.endswith("ETA 0m30s") or line.endswith("ETA 0m29s")

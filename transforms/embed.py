@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 import apache_beam as beam
 import httpx
 from apache_beam.metrics import Metrics
+from apache_beam.pvalue import AsSingleton
 from apache_beam.transforms.window import GlobalWindows
 
 from pipeline.config import ProviderConfig
@@ -86,6 +87,7 @@ class EmbedSettings:
     retry: RetryPolicy
     progress_interval_s: float | None = 5.0  # None: no progress lines (--quiet)
     cache: CacheSpec | None = None  # where finished vectors are remembered; None: no cache
+    workers: int = 1  # processes sharing the job (for this worker's share in the ETA)
 
 
 @dataclass
@@ -152,6 +154,11 @@ class EmbedSession:
     def submit(self, bundle: Bundle) -> Future[BundleOutcome]:
         return self._executor.submit(self.embed_bundle, bundle)
 
+    def expect_job_tokens(self, tokens: int) -> None:
+        """The tokens the whole job will send, for this worker's ETA."""
+        if self._progress is not None:
+            self._progress.expect(tokens // max(1, self.settings.workers))
+
     # -- one bundle -------------------------------------------------------------------------
 
     def embed_bundle(self, bundle: Bundle) -> BundleOutcome:
@@ -164,7 +171,8 @@ class EmbedSession:
         self._remember(out.batches)
         out.batches = [b.with_twins() for b in out.batches]
         if self._progress is not None:
-            self._progress.finished(sum(len(b) for b in out.batches), len(out.rejects), out.usage)
+            self._progress.finished(sum(len(b) for b in out.batches), len(out.rejects), out.usage,
+                                    bundle.n_tokens)
         with self._abort_lock:
             if self._abort_message is not None and not self._fatal_reported:
                 self._fatal_reported = True
@@ -405,8 +413,9 @@ class EmbedBundlesFn(beam.DoFn):
     def start_bundle(self) -> None:
         self._inflight = deque()
 
-    def process(self, bundle: Bundle) -> Iterator[object]:
+    def process(self, bundle: Bundle, job_tokens: int = 0) -> Iterator[object]:
         assert self._session is not None
+        self._session.expect_job_tokens(job_tokens)
         self._inflight.append(self._session.submit(bundle))
         while len(self._inflight) >= self.settings.max_concurrency:
             done, _ = wait(self._inflight, return_when=FIRST_COMPLETED)
@@ -452,9 +461,14 @@ class EmbedBundles(beam.PTransform):
         self.settings = settings
 
     def expand(self, bundles: beam.PCollection) -> dict[str, beam.PCollection]:
-        results = bundles | "CallProvider" >> beam.ParDo(EmbedBundlesFn(self.settings)).with_outputs(
-            TAG_REJECTS, TAG_USAGE, TAG_FATAL, main="vectors"
+        job_tokens = (
+            bundles
+            | "BundleTokens" >> beam.Map(lambda b: b.n_tokens)
+            | "JobTokens" >> beam.CombineGlobally(sum)
         )
+        results = bundles | "CallProvider" >> beam.ParDo(
+            EmbedBundlesFn(self.settings), job_tokens=AsSingleton(job_tokens)
+        ).with_outputs(TAG_REJECTS, TAG_USAGE, TAG_FATAL, main="vectors")
         return {
             "vectors": results.vectors,
             "rejects": results[TAG_REJECTS],

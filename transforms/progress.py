@@ -5,7 +5,11 @@ their outcome as they finish; a daemon thread logs one line per interval while w
 a last line when the session closes::
 
     embedpipe progress host:4242: 5120 chunks embedded, 3 failed | 212 requests, 4 throttled |
-    61.2k tokens/min (98% of this worker's 62.5k limit) | 16 bundles in flight
+    61.2k tokens/min (98% of this worker's 62.5k limit), 1.2M in all | 16 bundles in flight |
+    ETA 4m10s
+
+The ETA divides this worker's share of the job's tokens (known once the chunks to send are
+known) by its pace so far.
 
 Beam's own metrics say the same at the end of a run; these lines are for watching a run live,
 in the worker logs of Dataflow or Flink as much as on a terminal.
@@ -42,6 +46,8 @@ class ProgressReporter:
         self._embedded = self._failed = self._requests = self._throttled = 0
         self._tokens = 0
         self._in_flight = 0
+        self._expected_tokens = 0  # this worker's share of the job, by the splitter's count
+        self._done_tokens = 0
         self._started_at = self._window_start = time.monotonic()
         self._window_tokens = 0
 
@@ -54,8 +60,14 @@ class ProgressReporter:
                                                 daemon=True)
                 self._thread.start()
 
-    def finished(self, embedded: int, failed: int, usage: list) -> None:
+    def expect(self, tokens: int) -> None:
+        """This worker's expected share of the job's tokens (for the ETA)."""
         with self._lock:
+            self._expected_tokens = max(self._expected_tokens, tokens)
+
+    def finished(self, embedded: int, failed: int, usage: list, est_tokens: int = 0) -> None:
+        with self._lock:
+            self._done_tokens += est_tokens
             self._in_flight -= 1
             self._embedded += embedded
             self._failed += failed
@@ -87,8 +99,17 @@ class ProgressReporter:
                 f"{self._failed} failed | {self._requests} requests, {self._throttled} throttled | "
                 f"{_si(rate)} tokens/min ({share:.0f}% of this worker's "
                 f"{_si(self.tokens_per_minute)} limit), {_si(self._tokens)} in all | "
-                f"{self._in_flight} bundles in flight"
+                f"{self._in_flight} bundles in flight{self._eta(now)}"
             )
+
+    def _eta(self, now: float) -> str:
+        """`` | ETA 3m05s`` from this worker's pace so far; empty until it can be estimated."""
+        remaining = self._expected_tokens - self._done_tokens
+        elapsed = now - self._started_at
+        if remaining <= 0 or self._done_tokens <= 0 or elapsed <= 0:
+            return ""
+        seconds = int(remaining / (self._done_tokens / elapsed))
+        return f" | ETA {seconds // 60}m{seconds % 60:02d}s"
 
     def _loop(self) -> None:
         while not self._stop.wait(self.interval_s):
