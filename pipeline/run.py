@@ -5,7 +5,8 @@ Exit codes (the contract): 0 every valid chunk was embedded; 1 the run finished 
 any API call; 3 aborted by a fatal provider answer, with the work already committed kept;
 4 the pipeline itself crashed (a bug or a runner failure): see the traceback.
 
-``run(argv=None, test_pipeline=None)`` lets tests inject a pipeline, as in dataflow-ml-starter.
+``execute(request, test_pipeline=None)`` lets tests inject a pipeline, as in dataflow-ml-starter;
+the command line (``pipeline.cli``) only parses arguments into a :class:`RunRequest`.
 """
 
 from __future__ import annotations
