@@ -635,6 +635,9 @@ def _parse_input(value: Any) -> tuple[str, ...]:
 
 class _HTTPServer(ThreadingHTTPServer):
     daemon_threads = True
+    # Closing the server must not wait for handler threads: a client that keeps an idle
+    # keep-alive connection open would otherwise hold up stop() and Ctrl-C indefinitely.
+    block_on_close = False
     # Parallel clients open many connections at once; the default backlog of 5 would make some
     # of them wait for a SYN retransmit (a second or more) under a burst.
     request_queue_size = 128
