@@ -67,6 +67,7 @@ import json
 import logging
 import os
 import re
+import signal
 import sys
 import threading
 import uuid
@@ -727,7 +728,7 @@ class _RequestHandler(BaseHTTPRequestHandler):
 
 
 def serve_local_main(argv: list[str] | None = None) -> int:
-    """``embedpipe serve-local``: serve in the foreground until Ctrl-C, then exit 0.
+    """``embedpipe serve-local``: serve in the foreground until Ctrl-C or SIGTERM, then exit 0.
 
     Exits 2 when the arguments are invalid, the key variable is unset or the port is taken.
     """
@@ -773,7 +774,13 @@ def serve_local_main(argv: list[str] | None = None) -> int:
 
 
 def serve_until_interrupted(server: EmbeddingServer) -> None:
-    """Serve in the foreground until Ctrl-C, then stop."""
+    """Serve in the foreground until Ctrl-C or SIGTERM, then stop.
+
+    SIGTERM is what process managers and ``kill`` send, and a server started in the background
+    by a script inherits an ignored SIGINT: both must stop it cleanly, like Ctrl-C in a terminal.
+    """
+    for stop_signal in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(stop_signal, signal.default_int_handler)
     try:
         server.serve_forever()
     except KeyboardInterrupt:

@@ -370,7 +370,8 @@ def test_subclasses_add_routes_and_can_drop_connections() -> None:
 # --- the command line --------------------------------------------------------------------------
 
 
-def test_serve_local_prints_its_url_and_exits_0_on_ctrl_c() -> None:
+@pytest.mark.parametrize("stop_signal", [signal.SIGINT, signal.SIGTERM], ids=["ctrl_c", "sigterm"])
+def test_serve_local_prints_its_url_and_exits_0_when_stopped(stop_signal: int) -> None:
     process = subprocess.Popen(
         [sys.executable, "-m", "pipeline.local_server", "--port", "0", "--dim", "32"],
         cwd=REPO,
@@ -387,7 +388,7 @@ def test_serve_local_prints_its_url_and_exits_0_on_ctrl_c() -> None:
         vector = decode(httpx.post(f"{match[1]}/embeddings",
                                    json={"model": DEFAULT_MODEL, "input": "x"}))
         assert vector.shape == (1, 32)
-        process.send_signal(signal.SIGINT)
+        process.send_signal(stop_signal)
         assert process.wait(timeout=10) == 0
     finally:
         process.kill()

@@ -48,4 +48,4 @@ def test_eta_from_this_workers_share_and_pace() -> None:
     progress.finished(4, 0, [usage(200, "ok", 2500)], est_tokens=2500)
     line = progress.line(whole_run=True)
     progress.close()
-    assert line.endswith("ETA 0m30s") or line.endswith("ETA 0m29s")
+    assert line.endswith(("ETA 0m30s", "ETA 0m29s"))
