@@ -181,10 +181,10 @@ def resolve_group(item: tuple[str, dict[str, Iterable[Any]]], model: str) -> Ite
     """One text: cached → a batch of all its chunks; not cached → one chunk with its twins."""
     _, group = item
     chunks = sorted(group["chunks"], key=lambda c: c.chunk_id)
-    if not chunks:
-        return  # cached text that this corpus no longer has
     vector = next(iter(group["cached"]), None)
-    if vector is not None:
+    if not chunks:
+        pass  # cached text that this corpus no longer has
+    elif vector is not None:
         yield EmbeddedBatch(chunks=tuple(chunks), model=model,
                             vectors=np.tile(vector, (len(chunks), 1)))
     else:
