@@ -126,10 +126,6 @@ class Chunk:
     #: sent, and get this chunk's vector. Usage and packing count this chunk only.
     twins: tuple[Chunk, ...] = ()
 
-    @property
-    def n_bytes(self) -> int:
-        return len(self.text.encode("utf-8"))
-
 
 @dataclass(frozen=True, slots=True)
 class Bundle:
