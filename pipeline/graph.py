@@ -2,33 +2,40 @@
 
 ::
 
-    ReadCorpus ─► ValidateDocuments ─► SplitChunks ─► PackBundles ─► EmbedBundles
-        │               │                  │                          │ vectors ─► WriteVectors
-        └── rejects ────┴──────────────────┴──────── rejects ─────────┤ usage ───► WriteUsage
-                                                                      └ rejects ─► WriteRejects
+    ReadCorpus ─► ValidateDocuments ─► SplitChunks ─► EmbedChunks ─┬ vectors ─► WriteVectors
+        │               │  └ ids ─► WriteIds  │                    ├ usage ───► WriteUsage
+        └ rejects ►     └ rejects ►           └ rejects ►          └ rejects ─► WriteEmbedRejects
     committed files + counts (side inputs) ─► CommitManifest (a singleton, runs last)
+
+The rule that keeps memory flat and the first request seconds away: from reading to writing,
+nothing crosses a barrier. There is no GroupByKey, no side input and no Flatten on that path
+(each is a point where the in-process runner holds a whole PCollection in memory), so the
+runner fuses it into one stage that streams: each writer reads straight from the stage that
+makes its rows. What is global is small and goes only to the commit step: the list of files
+written, counts and checksums (combined where they are made), and the ids of the documents.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import apache_beam as beam
 from apache_beam.pvalue import AsList, AsSingleton
 
 from pipeline.config import Config
-from transforms.bundle import BundleCaps, PackBundles
-from transforms.cache import CacheSpec, LookupCache, cache_spec, count_cache_outcomes
-from transforms.embed import EmbedBundles, EmbedSettings
+from transforms.bundle import BundleCaps
+from transforms.cache import CacheSpec, cache_spec
+from transforms.embed import EmbedChunks, EmbedSettings
 from transforms.limits import RateLimits
 from transforms.manifest import CommitManifestFn, RunInfo
 from transforms.read import ReadCorpus
 from transforms.retry import RetryPolicy
 from transforms.split import SplitChunks
-from transforms.types import WrittenFile
+from transforms.types import FINGERPRINT_MODULUS, Chunk, WrittenFile
 from transforms.validate import ValidateDocuments
-from transforms.write import REJECTS, USAGE, VECTORS, OutputSpec, WriteShards
+from transforms.write import IDS, REJECTS, USAGE, VECTORS, OutputSpec, WriteShards
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,35 +95,47 @@ def bundle_caps(cfg: Config) -> BundleCaps:
     )
 
 
+def _sum_columns(rows: Iterable[tuple[int, ...]]) -> tuple[int, ...]:
+    return tuple(sum(column) for column in zip(*rows, strict=True))
+
+
+def _chunk_terms(chunk: Chunk) -> tuple[int, int]:
+    return (1, chunk.fingerprint)
+
+
+def _chunk_totals(rows: Iterable[tuple[int, int]]) -> tuple[int, int]:
+    count, checksum = _sum_columns(rows) or (0, 0)
+    return (count, checksum % FINGERPRINT_MODULUS)
+
+
 def build_pipeline(p: beam.Pipeline, cfg: Config, ctx: RunContext) -> None:
     """Wire the whole job onto ``p``; no I/O happens here."""
     spec = output_spec(cfg, ctx)
+    cache = cache_spec(cfg, ctx.run_id)
     read = p | "ReadCorpus" >> ReadCorpus(cfg.input)
     valid = read["records"] | "ValidateDocuments" >> ValidateDocuments(cfg.validate_)
     split = valid["documents"] | "SplitChunks" >> SplitChunks(cfg.split)
-    cache = cache_spec(cfg, ctx.run_id)
-    if cache is not None:
-        looked_up = split["chunks"] | "LookupCache" >> LookupCache(cache)
-        cached, to_embed = [looked_up["hits"]], looked_up["misses"]
-    else:
-        cached, to_embed = [], split["chunks"]
-    bundles = to_embed | "PackBundles" >> PackBundles(bundle_caps(cfg))
-    embedded = bundles | "EmbedBundles" >> EmbedBundles(embed_settings(cfg, ctx, cache))
-    vectors = (embedded["vectors"], *cached) | "CollectVectors" >> beam.Flatten()
+    embedded = split["chunks"] | "EmbedChunks" >> EmbedChunks(
+        embed_settings(cfg, ctx, cache), bundle_caps(cfg))
 
-    rejects = (
-        read["rejects"], valid["rejects"], split["rejects"], embedded["rejects"]
-    ) | "CollectRejects" >> beam.Flatten()
-    files = (
+    written = [
         p | "LauncherFiles" >> beam.Create(list(ctx.extra_files)),
-        vectors | "WriteVectors" >> WriteShards(VECTORS, spec),
+        embedded["vectors"] | "WriteVectors" >> WriteShards(VECTORS, spec),
         embedded["usage"] | "WriteUsage" >> WriteShards(USAGE, spec),
-        rejects | "WriteRejects" >> WriteShards(REJECTS, spec),
-    ) | "CollectFiles" >> beam.Flatten()
+        valid["ids"] | "WriteIds" >> WriteShards(IDS, spec),
+    ]
+    for name, stage in (("Read", read), ("Validate", valid), ("Split", split),
+                        ("Embed", embedded)):
+        written.append(stage["rejects"] | f"Write{name}Rejects" >> WriteShards(REJECTS, spec))
+    files = tuple(written) | "CollectFiles" >> beam.Flatten()
 
     def count(pcoll: beam.PCollection, label: str) -> AsSingleton:
         return AsSingleton(pcoll | label >> beam.combiners.Count.Globally())
 
+    chunks = (split["chunks"] | "ChunkTerms" >> beam.Map(_chunk_terms)
+              | "CountChunks" >> beam.CombineGlobally(_chunk_totals))
+    cache_counts = embedded["cache"] | "SumCacheCounts" >> beam.CombineGlobally(
+        lambda rows: _sum_columns(rows) or (0, 0, 0, 0))
     _ = (
         p
         | "StartCommit" >> beam.Create([None])
@@ -125,8 +144,8 @@ def build_pipeline(p: beam.Pipeline, cfg: Config, ctx: RunContext) -> None:
             files=AsList(files),
             records_read=count(read["records"], "CountRecords"),
             documents_valid=count(valid["documents"], "CountDocuments"),
-            chunks=count(split["chunks"], "CountChunks"),
+            chunks=AsSingleton(chunks),
             fatal=AsList(embedded["fatal"]),
-            cache_counts=AsSingleton(count_cache_outcomes(cached, to_embed)),
+            cache_counts=AsSingleton(cache_counts),
         )
     )

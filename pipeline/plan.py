@@ -14,6 +14,7 @@ import os
 import tempfile
 import time
 from collections import Counter
+from collections.abc import Iterator
 from typing import Any
 
 import apache_beam as beam
@@ -24,8 +25,19 @@ from pipeline.graph import bundle_caps
 from transforms.bundle import PackBundles
 from transforms.read import ReadCorpus
 from transforms.split import SplitChunks
-from transforms.types import STAGE_READ
-from transforms.validate import ValidateDocuments
+from transforms.types import DUPLICATE_ID, STAGE_READ, STAGE_VALIDATE, Document
+from transforms.validate import ValidateDocuments, pick_winner
+
+
+class _DropLosersFn(beam.DoFn):
+    def start_bundle(self) -> None:
+        self._losers: set[tuple[str, str]] | None = None
+
+    def process(self, doc: Document, losers: list) -> Iterator[Document]:
+        if self._losers is None:
+            self._losers = set(losers)
+        if (doc.doc_id, doc.source) not in self._losers:
+            yield doc
 
 
 class _SummarizeFn(beam.DoFn):
@@ -33,12 +45,14 @@ class _SummarizeFn(beam.DoFn):
         self.path = path
 
     def process(self, _: object, records: int, documents: int, reasons: list,
-                bundle_stats: list) -> None:
+                bundle_stats: list, duplicates: int) -> None:
         by_reason = Counter(dict(reasons))
+        if duplicates:
+            by_reason[(STAGE_VALIDATE, DUPLICATE_ID)] += duplicates
         read_rejects = sum(n for (stage, _), n in by_reason.items() if stage == STAGE_READ)
         summary = {
             "records": records,
-            "documents_valid": documents,
+            "documents_valid": documents - duplicates,
             "rejects_by_reason": dict(sorted(Counter(
                 {reason: n for (_, reason), n in by_reason.items()}).items())),
             "read_rejects": read_rejects,
@@ -53,7 +67,18 @@ class _SummarizeFn(beam.DoFn):
 def build_plan_pipeline(p: beam.Pipeline, cfg: Config, summary_path: str) -> None:
     read = p | "ReadCorpus" >> ReadCorpus(cfg.input)
     valid = read["records"] | "ValidateDocuments" >> ValidateDocuments(cfg.validate_)
-    split = valid["documents"] | "SplitChunks" >> SplitChunks(cfg.split)
+    # Every version of an id but the earliest is a duplicate_id reject in the run, settled at
+    # its commit; here the losers are found first (from ids alone) and left out of the figures.
+    losers = (
+        valid["ids"]
+        | "KeyIds" >> beam.Map(lambda i: (i.doc_id, i))
+        | "GroupIds" >> beam.GroupByKey()
+        | "Losers" >> beam.FlatMap(lambda kv: [(r.doc_id, r.source)
+                                               for r in pick_winner(kv[1])[1]])
+    )
+    winners = valid["documents"] | "DropLosers" >> beam.ParDo(_DropLosersFn(),
+                                                              losers=AsList(losers))
+    split = winners | "SplitChunks" >> SplitChunks(cfg.split)
     bundles = split["chunks"] | "PackBundles" >> PackBundles(bundle_caps(cfg))
     reasons = (
         (read["rejects"], valid["rejects"], split["rejects"])
@@ -62,7 +87,6 @@ def build_plan_pipeline(p: beam.Pipeline, cfg: Config, summary_path: str) -> Non
         | "CountReasons" >> beam.combiners.Count.PerElement()
     )
     stats = bundles | "BundleSizes" >> beam.Map(lambda b: (len(b), b.n_tokens))
-
     def count(pcoll: beam.PCollection, label: str) -> AsSingleton:
         return AsSingleton(pcoll | label >> beam.combiners.Count.Globally())
 
@@ -75,6 +99,7 @@ def build_plan_pipeline(p: beam.Pipeline, cfg: Config, summary_path: str) -> Non
             documents=count(valid["documents"], "CountDocuments"),
             reasons=AsList(reasons),
             bundle_stats=AsList(stats),
+            duplicates=count(losers, "CountDuplicates"),
         )
     )
 

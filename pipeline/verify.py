@@ -1,8 +1,10 @@
 """``embedpipe verify OUTPUT``: an integrity check of a finished run, without its input.
 
 Checks, in order: the manifest exists and says ``complete``; every file it lists exists and has
-the row count it records; the counts agree with the rows; vector ids are unique; every vector
-has one and the same dimension, is finite and is not all zeros; usage and rejects are readable.
+the row count it records; the counts agree with the rows and add up (every chunk is a vector or a
+chunk reject: ``chunks == chunks_embedded + chunks_failed``); vector ids are unique and no id is
+both a vector and a chunk reject; every vector has one and the same dimension, is finite and is
+not all zeros; usage and rejects are readable. Files are read a row group at a time.
 Prints each problem on its own line and exits 1 if there is any, else 0.
 """
 
@@ -41,32 +43,57 @@ def verify_output(output: str, storage_options: dict[str, Any] | None = None) ->
     fs, _ = fsspec.core.url_to_fs(output, **opts)
     rows: Counter[str] = Counter()
     ids: list[pa.Array] = []
+    failed_ids: list[pa.Array] = []
     dims: set[int] = set()
     for entry in manifest.get("files", []):
         path, kind = entry["path"], entry["kind"]
         try:
             with fs.open(path, "rb") as handle:
-                table = pq.read_table(handle)
+                parquet = pq.ParquetFile(handle)
+                n_rows = 0
+                for group in range(parquet.num_row_groups):
+                    table = parquet.read_row_group(group)
+                    n_rows += table.num_rows
+                    if kind == "vectors":
+                        ids.append(table.column("id").combine_chunks())
+                        problems.extend(_check_vectors(path, table, dims))
+                    elif kind == "rejects":
+                        chunk_rows = table.filter(pc.equal(table.column("stage"), "embed"))
+                        rows["chunk_rejects"] += chunk_rows.num_rows
+                        failed_ids.append(chunk_rows.column("id").combine_chunks())
         except (OSError, ValueError, pa.ArrowException) as exc:
             problems.append(f"{path}: cannot be read ({type(exc).__name__}: {exc})")
             continue
-        rows[kind] += table.num_rows
-        if table.num_rows != entry["rows"]:
-            problems.append(f"{path}: {table.num_rows} rows, the manifest says {entry['rows']}")
-        if kind == "vectors":
-            ids.append(table.column("id").combine_chunks())
-            problems.extend(_check_vectors(path, table, dims))
+        rows[kind] += n_rows
+        if n_rows != entry["rows"]:
+            problems.append(f"{path}: {n_rows} rows, the manifest says {entry['rows']}")
     counts = manifest.get("counts", {})
-    for kind, key in (("vectors", "chunks_embedded"), ("usage", "requests")):
+    for kind, key in (("vectors", "chunks_embedded"), ("usage", "requests"),
+                      ("chunk_rejects", "chunks_failed")):
         if key in counts and counts[key] != rows[kind]:
-            problems.append(f"counts.{key} is {counts[key]} but {kind}/ holds {rows[kind]} rows")
+            shown = "chunk rejects" if kind == "chunk_rejects" else f"{kind}/ rows"
+            problems.append(f"counts.{key} is {counts[key]} but the output holds "
+                            f"{rows[kind]} {shown}")
+    if {"chunks", "chunks_embedded", "chunks_failed"} <= counts.keys() and counts["chunks"] != (
+            counts["chunks_embedded"] + counts["chunks_failed"]):
+        problems.append(
+            f"counts do not add up: chunks is {counts['chunks']} but chunks_embedded "
+            f"{counts['chunks_embedded']} + chunks_failed {counts['chunks_failed']} = "
+            f"{counts['chunks_embedded'] + counts['chunks_failed']}: chunks are missing")
     if ids:
-        frequencies = pc.value_counts(pa.chunked_array(ids))
+        frequencies = pc.value_counts(pa.chunked_array(ids, pa.string()))
         repeated = pc.filter(frequencies.field("values"),
                              pc.greater(frequencies.field("counts"), 1))
         if len(repeated):
             problems.append(f"{len(repeated)} vector ids appear more than once, "
                             f"e.g. {repeated[:5].to_pylist()}")
+        if failed_ids:
+            both = pc.filter(frequencies.field("values"), pc.is_in(
+                frequencies.field("values"),
+                value_set=pa.chunked_array(failed_ids, pa.string()).combine_chunks()))
+            if len(both):
+                problems.append(f"{len(both)} chunk ids are both a vector and a reject, "
+                                f"e.g. {both[:5].to_pylist()}")
     if len(dims) > 1:
         problems.append(f"vectors have several dimensions: {sorted(dims)}")
     if dims and manifest.get("dimensions") not in (None, *dims):

@@ -28,15 +28,15 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import fsspec
 import numpy as np
-import pyarrow.parquet as pq
 import pytest
 
 from pipeline.config import Config, parse_config
 from pipeline.local_server import EmbeddingServer, HashingEmbedder, Reply
 from pipeline.run import PREFLIGHT_TEXT, RunRequest, execute
 from tests.harness import MODEL, expected_chunks, make_config, read_output
-from transforms.cache import cache_spec, read_cache_file
+from transforms.cache import cache_spec, read_segment
 from transforms.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -207,9 +207,10 @@ def cache_folder(root: Path) -> Path:
     return folders[0]
 
 
-def cached_shas(folder: Path, pattern: str = "*.parquet") -> list[str]:
+def cached_shas(folder: Path, pattern: str = "seg-*.arrow") -> list[str]:
+    fs = fsspec.filesystem("file")
     return [sha for path in sorted(folder.glob(pattern))
-            for sha in pq.read_table(path).column("content_sha256").to_pylist()]
+            for sha in read_segment(fs, str(path)).column("content_sha256").to_pylist()]
 
 
 # -- 1. SIGKILL, then the same command --------------------------------------------------------
@@ -259,13 +260,12 @@ def test_sigkill_mid_embedding_then_same_command_resumes_paying_only_the_window(
         served_before_kill = server.stats.inputs - 1
         assert served_before_kill < len(chunks)
 
-        # What the killed run left: a partial manifest, and the bundles it finished, already in
-        # the cache as per-bundle files (never compacted: the run did not get to its commit).
+        # What the killed run left: a partial manifest, and the requests it finished, already in
+        # the cache as one segment each, named by the killed run.
         killed = json.loads((output / "manifest.json").read_text())
         assert killed["status"] == "partial"
         folder = cache_folder(tmp_path / ".embedpipe-cache")
-        assert not list(folder.glob("part-*.parquet"))
-        survived = set(cached_shas(folder, "run-*.parquet"))
+        survived = set(cached_shas(folder, f"seg-{killed['run_id']}-*.arrow"))
         assert survived, "no finished bundle reached the cache before the kill"
 
         mark = len(server.stats.texts)
@@ -397,8 +397,8 @@ def test_each_distinct_text_is_sent_once(tmp_path: Path) -> None:
     folder = cache_folder(tmp_path / ".embedpipe-cache")
     assert manifest["cache"]["path"] == str(folder)
     assert (folder / "namespace.json").exists()
-    assert not list(folder.glob("run-*.parquet")), "per-bundle files are compacted at commit"
-    stored = cached_shas(folder, "part-*.parquet")
+    assert not list(folder.glob(".*.tmp")), "no segment is left half-written"
+    stored = cached_shas(folder)
     assert Counter(stored) == Counter({r["content_sha256"] for r in rows.values()})
 
 
@@ -474,6 +474,7 @@ def test_cache_disabled_writes_nothing_dedups_nothing_and_pays_again(tmp_path: P
     assert not explicit.exists()
     assert not list(tmp_path.rglob("namespace.json"))
     assert not list(tmp_path.rglob("run-*.parquet"))
+    assert not list(tmp_path.rglob("seg-*.arrow"))
 
 
 def test_namespace_separates_endpoints_on_one_host_and_request_parameters() -> None:
@@ -493,8 +494,7 @@ def test_namespace_separates_endpoints_on_one_host_and_request_parameters() -> N
 
 
 def test_a_cache_file_deleted_after_listing_reads_as_empty(tmp_path: Path) -> None:
-    """Another run may compact its small files between our listing and our read."""
-    spec = cache_spec(parse_config({"input": {"path": "x"}, "output": {"path": str(tmp_path / "o")}}),
-                      "run")
-    assert spec is not None
-    assert list(read_cache_file(str(tmp_path / "gone.parquet"), spec)) == []
+    """A segment removed by another run between our listing and our read is simply absent."""
+    fs = fsspec.filesystem("file")
+    assert read_segment(fs, str(tmp_path / "gone.arrow")) is None
+    assert read_segment(fs, str(tmp_path / "gone.parquet")) is None

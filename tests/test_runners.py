@@ -608,9 +608,10 @@ def test_dataflow_graph_translates_offline(api_key: str) -> None:
 
         # The proto holds the whole graph, every stage in the worker container.
         names = {t.unique_name for t in proto.components.transforms.values()}
-        for stage in ("ReadCorpus", "ValidateDocuments", "SplitChunks", "LookupCache",
-                      "PackBundles", "EmbedBundles", "WriteVectors", "WriteUsage",
-                      "WriteRejects", "CommitManifest"):
+        for stage in ("ReadCorpus", "ValidateDocuments", "SplitChunks", "EmbedChunks",
+                      "WriteVectors", "WriteUsage", "WriteIds", "WriteReadRejects",
+                      "WriteValidateRejects", "WriteSplitRejects", "WriteEmbedRejects",
+                      "CommitManifest"):
             assert stage in names
         assert {e.urn for e in proto.components.environments.values()} == {
             common_urns.environments.DOCKER.urn}
@@ -630,7 +631,7 @@ def test_dataflow_graph_translates_offline(api_key: str) -> None:
         ours = {type(o).__name__ for o in objects + optimized_objects
                 if isinstance(o, beam.DoFn) and type(o).__module__.split(".")[0] in (
                     "transforms", "pipeline")}
-        assert {"EmbedBundlesFn", "_WriteShardsFn"} <= ours, ours
+        assert {"EmbedChunksFn", "_WriteShardsFn"} <= ours, ours
         assert any("Commit" in name for name in ours), ours
         print(f"\ndataflow: {len(proto.components.transforms)} transforms, "
               f"{len(objects)} pickled objects ({len(optimized_objects)} after optimisation), "

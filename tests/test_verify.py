@@ -84,3 +84,31 @@ def test_missing_or_partial_manifest(tmp_path: Path) -> None:
     assert "no manifest.json" in verify_output(str(tmp_path))[0]
     (tmp_path / "manifest.json").write_text(json.dumps({"status": "partial", "files": []}))
     assert "not 'complete'" in verify_output(str(tmp_path))[0]
+
+
+def _edit_manifest(good: Path, tmp_path: Path, edit) -> Path:
+    out = damaged(good, tmp_path, lambda t: t)
+    manifest = json.loads((out / "manifest.json").read_text())
+    edit(manifest["counts"])
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    return out
+
+
+def test_counts_that_do_not_add_up_fail(good_output: Path, tmp_path: Path) -> None:
+    """The signature of a silent loss: more chunks than vectors plus chunk rejects."""
+    def lose(counts: dict) -> None:
+        counts["chunks"] += 256
+
+    problems = verify_output(str(_edit_manifest(good_output, tmp_path, lose)))
+    assert any("do not add up" in p and "chunks are missing" in p for p in problems), problems
+    assert main(["verify", str(tmp_path / "out")]) == 1
+
+
+def test_chunks_failed_that_the_rejects_do_not_hold_fail(good_output: Path,
+                                                         tmp_path: Path) -> None:
+    def claim(counts: dict) -> None:
+        counts["chunks_failed"] += 3
+        counts["chunks"] += 3  # adds up, but the rejects do not hold those three
+
+    problems = verify_output(str(_edit_manifest(good_output, tmp_path, claim)))
+    assert any("counts.chunks_failed" in p for p in problems), problems

@@ -30,16 +30,16 @@ import time
 from collections import deque
 from collections.abc import Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import apache_beam as beam
 import httpx
 from apache_beam.metrics import Metrics
-from apache_beam.pvalue import AsSingleton
 from apache_beam.transforms.window import GlobalWindows
 
 from pipeline.config import ProviderConfig
-from transforms.cache import CacheSpec, CacheWriter
+from transforms.bundle import BundleCaps, BundlePacker
+from transforms.cache import CacheIndex, CacheSpec, open_cache
 from transforms.errors import (
     FatalProviderError,
     InputRejectedError,
@@ -74,6 +74,7 @@ log = logging.getLogger(__name__)
 TAG_REJECTS = "rejects"
 TAG_USAGE = "usage"
 TAG_FATAL = "fatal"
+TAG_CACHE = "cache"
 
 
 @dataclass(frozen=True, slots=True)
@@ -130,7 +131,8 @@ class EmbedSession:
         # Largest request the server accepted after a "too large" answer (learned, shrinks only).
         self._max_inputs = settings.provider.max_inputs_per_request
         self.worker = f"{socket.gethostname()}:{os.getpid()}"
-        self._cache = CacheWriter(settings.cache) if settings.cache is not None else None
+        self.cache: CacheIndex | None = (
+            open_cache(settings.cache) if settings.cache is not None else None)
         self._progress = (
             ProgressReporter(self.worker, settings.limits.tokens_per_minute,
                              settings.progress_interval_s)
@@ -154,11 +156,6 @@ class EmbedSession:
     def submit(self, bundle: Bundle) -> Future[BundleOutcome]:
         return self._executor.submit(self.embed_bundle, bundle)
 
-    def expect_job_tokens(self, tokens: int) -> None:
-        """The tokens the whole job will send, for this worker's ETA."""
-        if self._progress is not None:
-            self._progress.expect(tokens // max(1, self.settings.workers))
-
     # -- one bundle -------------------------------------------------------------------------
 
     def embed_bundle(self, bundle: Bundle) -> BundleOutcome:
@@ -169,7 +166,6 @@ class EmbedSession:
         for start in range(0, len(bundle.chunks), step):
             self._embed_span(bundle, start, bundle.chunks[start : start + step], out)
         self._remember(out.batches)
-        out.batches = [b.with_twins() for b in out.batches]
         if self._progress is not None:
             self._progress.finished(sum(len(b) for b in out.batches), len(out.rejects), out.usage,
                                     bundle.n_tokens)
@@ -271,10 +267,10 @@ class EmbedSession:
         A cache that cannot be written costs money on a re-run, not correctness: the vectors
         still reach the output, so a failure here is logged and the run goes on.
         """
-        if self._cache is None or not batches:
+        if self.cache is None or not batches:
             return
         try:
-            self._cache.write(batches)
+            self.cache.write(batches)
         except Exception as exc:  # noqa: BLE001 - see the docstring
             log.warning("embedpipe: could not write to the cache at %s (%s: %s)",
                         self.settings.cache.url if self.settings.cache else "?",
@@ -323,12 +319,10 @@ class EmbedSession:
 
 
 def _rejects(chunks: Sequence[Chunk], reason: str, detail: str, attempts: int) -> list[Reject]:
-    """One reject per chunk and per twin of it: a twin shares its original's fate."""
     return [
-        Reject(id=x.chunk_id, doc_id=x.doc_id, source=x.source, stage=STAGE_EMBED,
+        Reject(id=c.chunk_id, doc_id=c.doc_id, source=c.source, stage=STAGE_EMBED,
                reason=reason, detail=detail, attempts=attempts)
         for c in chunks
-        for x in (c, *c.twins)
     ]
 
 
@@ -394,85 +388,179 @@ class _EmbedMetrics:
                 self.throttled.inc()
             if row.outcome == OUTCOME_OK:
                 self.prompt_tokens.inc(row.prompt_tokens)
-        self.chunks_embedded.inc(sum(len(b) for b in outcome.batches))
-        self.chunks_failed.inc(len(outcome.rejects))
 
 
-class EmbedBundlesFn(beam.DoFn):
-    """Keeps up to ``max_concurrency`` bundles in flight on the process's session."""
 
-    def __init__(self, settings: EmbedSettings) -> None:
+#: Chunks looked up in the cache at once: one vectorised probe of the index per group.
+LOOKUP_GROUP = 512
+
+
+@dataclass
+class CacheCounts:
+    """What the cache saved in one Beam bundle; summed over the run for the manifest."""
+
+    hits: int = 0  # chunks served from the cache
+    misses: int = 0  # texts sent to the provider
+    duplicates: int = 0  # chunks that took the vector of an identical text sent in this run
+    tokens_saved: int = 0  # the tokens of hits and duplicates
+
+    def as_tuple(self) -> tuple[int, int, int, int]:
+        return (self.hits, self.misses, self.duplicates, self.tokens_saved)
+
+
+class EmbedChunksFn(beam.DoFn):
+    """Chunks in, vectors out: cache probe, request packing and the in-flight window in one step.
+
+    One DoFn on purpose. The three must share per-bundle state that Beam cannot carry between
+    steps: a text waiting in the packer or in flight is *claimed*, and a later chunk with the
+    same text waits for its vector instead of being sent again. Keeping that state inside one
+    DoFn keeps it inside one Beam bundle, so a retried bundle replays all of it, and nothing a
+    bundle owns is ever emitted by another. The parts are small objects of their own modules:
+    :class:`~transforms.cache.CacheIndex`, :class:`~transforms.bundle.BundlePacker` and the
+    process's :class:`EmbedSession`.
+
+    Memory is bounded by ``LOOKUP_GROUP`` chunks, one request in the packer and
+    ``max_concurrency`` requests in flight, whatever the size of the Beam bundle.
+    """
+
+    def __init__(self, settings: EmbedSettings, caps: BundleCaps) -> None:
         self.settings = settings
+        self.caps = caps
         self._session: EmbedSession | None = None
-        self._inflight: deque[Future[BundleOutcome]] = deque()
         self._metrics = _EmbedMetrics()
 
     def setup(self) -> None:
         self._session = acquire_session(self.settings)
 
     def start_bundle(self) -> None:
-        self._inflight = deque()
+        self._waiting: list[Chunk] = []
+        self._packer = BundlePacker(self.caps)
+        self._inflight: deque[tuple[Bundle, Future[BundleOutcome]]] = deque()
+        self._claimed: dict[str, list[Chunk]] = {}
+        self._counts = CacheCounts()
 
-    def process(self, bundle: Bundle, job_tokens: int = 0) -> Iterator[object]:
-        assert self._session is not None
-        self._session.expect_job_tokens(job_tokens)
-        self._inflight.append(self._session.submit(bundle))
-        while len(self._inflight) >= self.settings.max_concurrency:
-            done, _ = wait(self._inflight, return_when=FIRST_COMPLETED)
-            for future in done:
-                self._inflight.remove(future)
-                yield from self._emit(future.result())
+    def process(self, chunk: Chunk) -> Iterator[object]:
+        self._waiting.append(chunk)
+        if len(self._waiting) >= LOOKUP_GROUP:
+            yield from self._route()
 
     def finish_bundle(self) -> Iterator[object]:
-        window = GlobalWindows.windowed_value
+        outputs = [*self._route(), *self._submit(self._packer.flush())]
         while self._inflight:
-            for output in self._emit(self._inflight.popleft().result()):
-                if isinstance(output, beam.pvalue.TaggedOutput):
-                    yield beam.pvalue.TaggedOutput(output.tag, window(output.value))
-                else:
-                    yield window(output)
+            outputs.extend(self._emit(*self._inflight.popleft()))
+        if self._claimed:  # every claim is settled by the answer of the chunk that holds it
+            raise AssertionError(f"{len(self._claimed)} chunks were left waiting for a vector")
+        outputs.append(beam.pvalue.TaggedOutput(TAG_CACHE, self._counts.as_tuple()))
+        window = GlobalWindows.windowed_value
+        for output in outputs:
+            if isinstance(output, beam.pvalue.TaggedOutput):
+                yield beam.pvalue.TaggedOutput(output.tag, window(output.value))
+            else:
+                yield window(output)
 
     def teardown(self) -> None:
         if self._session is not None:
             release_session(self.settings)
             self._session = None
 
+    # -- routing -------------------------------------------------------------------------------
 
-    def _emit(self, outcome: BundleOutcome) -> Iterator[object]:
+    def _route(self) -> Iterator[object]:
+        """Serve the waiting chunks from the cache, claim or join the rest, pack what is new."""
+        assert self._session is not None
+        chunks, self._waiting = self._waiting, []
+        cache = self._session.cache
+        if cache is not None and chunks:
+            hits, vectors = cache.lookup(chunks)
+            if hits:
+                served = tuple(chunks[i] for i in hits)
+                self._counts.hits += len(served)
+                self._counts.tokens_saved += sum(c.n_tokens for c in served)
+                self._metrics.chunks_embedded.inc(len(served))
+                yield EmbeddedBatch(chunks=served, model=self.settings.provider.model,
+                                    vectors=vectors)
+                taken = set(hits)
+                chunks = [c for i, c in enumerate(chunks) if i not in taken]
+        for chunk in chunks:
+            if cache is not None:
+                twins = self._claimed.get(chunk.content_sha256)
+                if twins is not None:
+                    twins.append(chunk)
+                    self._counts.duplicates += 1
+                    self._counts.tokens_saved += chunk.n_tokens
+                    continue
+                self._claimed[chunk.content_sha256] = []
+            self._counts.misses += 1
+            yield from self._submit(self._packer.add(chunk))
+
+    def _submit(self, bundles: Iterator[Bundle]) -> Iterator[object]:
+        assert self._session is not None
+        for bundle in bundles:
+            self._inflight.append((bundle, self._session.submit(bundle)))
+            while len(self._inflight) >= self.settings.max_concurrency:
+                wait([f for _, f in self._inflight], return_when=FIRST_COMPLETED)
+                for item in [x for x in self._inflight if x[1].done()]:
+                    self._inflight.remove(item)
+                    yield from self._emit(*item)
+
+    def _emit(self, bundle: Bundle, future: Future[BundleOutcome]) -> Iterator[object]:
+        """A finished request's outputs, with every chunk that waited on one of its texts."""
+        outcome = future.result()
         self._metrics.record(outcome)
-        return _outputs(outcome)
+        for batch in outcome.batches:
+            batch = self._with_twins(batch)
+            self._metrics.chunks_embedded.inc(len(batch))
+            yield batch
+        by_key: dict[tuple[str, str], list[Chunk]] = {}
+        for chunk in bundle.chunks:
+            by_key.setdefault((chunk.chunk_id, chunk.source), []).append(chunk)
+        for reject in outcome.rejects:
+            chunk = by_key[(reject.id or "", reject.source)].pop()
+            twins = self._claimed.pop(chunk.content_sha256, ())
+            self._metrics.chunks_failed.inc(1 + len(twins))
+            yield beam.pvalue.TaggedOutput(TAG_REJECTS, reject)
+            for twin in twins:
+                yield beam.pvalue.TaggedOutput(TAG_REJECTS, replace(
+                    reject, id=twin.chunk_id, doc_id=twin.doc_id, source=twin.source))
+        for usage in outcome.usage:
+            yield beam.pvalue.TaggedOutput(TAG_USAGE, usage)
+        if outcome.fatal is not None:
+            yield beam.pvalue.TaggedOutput(TAG_FATAL, outcome.fatal)
+
+    def _with_twins(self, batch: EmbeddedBatch) -> EmbeddedBatch:
+        """``batch`` plus the chunks that waited for one of its texts, each with its vector."""
+        rows: list[int] = []
+        chunks: list[Chunk] = []
+        for i, chunk in enumerate(batch.chunks):
+            rows.append(i)
+            chunks.append(chunk)
+            for twin in self._claimed.pop(chunk.content_sha256, ()):
+                rows.append(i)
+                chunks.append(twin)
+        if len(chunks) == len(batch.chunks):
+            return batch
+        return EmbeddedBatch(chunks=tuple(chunks), model=batch.model, vectors=batch.vectors[rows])
 
 
-def _outputs(outcome: BundleOutcome) -> Iterator[object]:
-    yield from outcome.batches
-    for reject in outcome.rejects:
-        yield beam.pvalue.TaggedOutput(TAG_REJECTS, reject)
-    for usage in outcome.usage:
-        yield beam.pvalue.TaggedOutput(TAG_USAGE, usage)
-    if outcome.fatal is not None:
-        yield beam.pvalue.TaggedOutput(TAG_FATAL, outcome.fatal)
+class EmbedChunks(beam.PTransform):
+    """``Chunk`` → ``{"vectors": EmbeddedBatch, "rejects", "usage", "fatal": str, "cache"}``.
 
+    ``cache`` holds one :meth:`CacheCounts.as_tuple` per Beam bundle.
+    """
 
-class EmbedBundles(beam.PTransform):
-    """``Bundle`` → ``{"vectors": EmbeddedBatch, "rejects", "usage", "fatal": str}``."""
-
-    def __init__(self, settings: EmbedSettings) -> None:
+    def __init__(self, settings: EmbedSettings, caps: BundleCaps) -> None:
         super().__init__()
         self.settings = settings
+        self.caps = caps
 
-    def expand(self, bundles: beam.PCollection) -> dict[str, beam.PCollection]:
-        job_tokens = (
-            bundles
-            | "BundleTokens" >> beam.Map(lambda b: b.n_tokens)
-            | "JobTokens" >> beam.CombineGlobally(sum)
-        )
-        results = bundles | "CallProvider" >> beam.ParDo(
-            EmbedBundlesFn(self.settings), job_tokens=AsSingleton(job_tokens)
-        ).with_outputs(TAG_REJECTS, TAG_USAGE, TAG_FATAL, main="vectors")
+    def expand(self, chunks: beam.PCollection) -> dict[str, beam.PCollection]:
+        results = chunks | "CallProvider" >> beam.ParDo(
+            EmbedChunksFn(self.settings, self.caps)
+        ).with_outputs(TAG_REJECTS, TAG_USAGE, TAG_FATAL, TAG_CACHE, main="vectors")
         return {
             "vectors": results.vectors,
             "rejects": results[TAG_REJECTS],
             "usage": results[TAG_USAGE],
             "fatal": results[TAG_FATAL],
+            "cache": results[TAG_CACHE],
         }
-

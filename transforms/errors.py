@@ -9,6 +9,7 @@ Retry and abort decisions test these classes, never httpx's.
     EmbedpipeError
     ├── ConfigError                 bad arguments or config, found before any API call (exit 2)
     ├── InputError                  an input file cannot be listed or opened
+    ├── AccountingError             a run's output does not account for every chunk (exit 4)
     └── ProviderError               an answer (or no answer) from the embedding API
         ├── RetryableError          try the same request again, after a wait
         │   ├── RateLimitedError    429 / throttling: also slows the limiter down
@@ -40,6 +41,10 @@ class ConfigError(EmbedpipeError):
 
 class InputError(EmbedpipeError):
     """An input URL cannot be listed or opened."""
+
+
+class AccountingError(EmbedpipeError):
+    """A finished run's outputs do not account for every chunk: it must not be committed."""
 
 
 class ProviderError(EmbedpipeError):

@@ -5,6 +5,12 @@ by the final singleton step after every shard is committed, with status ``comple
 ``aborted`` after a fatal provider answer). Readers and ``embedpipe verify`` trust an output only
 when its manifest says ``complete``; the file list in it is authoritative: a shard that is not
 listed (left by a crashed attempt) is not part of the output.
+
+Before it writes the manifest, the commit step settles duplicate ids (:mod:`transforms.dedup`)
+and checks the run's accounting: every chunk the splitter made must be a vector row or a chunk
+reject, exactly once, by count *and* by checksum (:func:`transforms.types.fingerprint`). An
+output that fails the check is never marked complete: :class:`AccountingError`, exit 4, the
+manifest stays ``partial``. A run that loses chunks says so, loudly, instead of committing.
 """
 
 from __future__ import annotations
@@ -19,9 +25,17 @@ from typing import Any
 import apache_beam as beam
 import fsspec
 
-from transforms.cache import CacheSpec, compact_run_files
-from transforms.types import NO_FILES_MATCHED, STAGE_EMBED, UNREADABLE_FILE, WrittenFile
-from transforms.write import REJECTS, USAGE, OutputSpec, write_rows
+from transforms.cache import CacheSpec
+from transforms.dedup import NO_DUPLICATES, drop_rows, find_duplicates
+from transforms.errors import AccountingError
+from transforms.types import (
+    FINGERPRINT_MODULUS,
+    NO_FILES_MATCHED,
+    STAGE_EMBED,
+    UNREADABLE_FILE,
+    WrittenFile,
+)
+from transforms.write import IDS, REJECTS, USAGE, VECTORS, OutputSpec, write_rows
 
 STATUS_PARTIAL = "partial"
 STATUS_COMPLETE = "complete"
@@ -135,8 +149,29 @@ def manifest_url(output_url: str) -> str:
     return f"{output_url.rstrip('/')}/{MANIFEST_NAME}"
 
 
+def check_accounting(files: Iterable[WrittenFile], chunks: int, checksum: int) -> None:
+    """Every chunk made is a vector row or a chunk reject, once: counts and checksums agree."""
+    written = rows = 0
+    for f in files:
+        stats = dict(f.stats)
+        if f.kind == VECTORS.name:
+            rows += f.rows
+        elif f.kind == REJECTS.name:
+            rows += stats.get(f"stage:{STAGE_EMBED}", 0)
+        else:
+            continue
+        written += stats.get("fingerprint", 0)
+    if rows != chunks or written % FINGERPRINT_MODULUS != checksum % FINGERPRINT_MODULUS:
+        raise AccountingError(
+            f"the run made {chunks} chunks but wrote {rows} vector rows and chunk rejects"
+            + ("" if rows != chunks else " with other ids (the checksums differ)")
+            + "; the output is incomplete and is not committed. This is a bug or a runner "
+            "failure: please report it with the run's log"
+        )
+
+
 class CommitManifestFn(beam.DoFn):
-    """The run's last step: compact the cache, write the manifest, drop temporary files.
+    """The run's last step: settle duplicate ids, check the accounting, write the manifest.
 
     It runs once (on a one-element input) with every committed file and count as side inputs,
     which Beam completes before calling it: so the manifest is written after every shard.
@@ -150,6 +185,18 @@ class CommitManifestFn(beam.DoFn):
     def process(self, _: object, files, records_read, documents_valid, chunks, fatal,
                 cache_counts):
         files = list(files)
+        n_chunks, checksum = chunks
+        check_accounting(files, n_chunks, checksum)
+        fs, root = self.spec.filesystem()
+        id_files = [f.path for f in files if f.kind == IDS.name]
+        files = [f for f in files if f.kind != IDS.name]
+        duplicates = find_duplicates(fs, id_files) if id_files else NO_DUPLICATES
+        if duplicates.rejects:
+            files, removed_chunks = self._drop_losers(fs, files, duplicates)
+            n_chunks -= removed_chunks
+            documents_valid -= len(duplicates.rejects)
+            files.append(write_rows(REJECTS, list(duplicates.rejects), self.spec,
+                                    name=f"part-duplicates-{self.info.run_id}.parquet"))
         kinds = {f.kind for f in files}
         # Always leave a readable file per table, so `KIND/*.parquet` globs never come up empty.
         for kind in (REJECTS, USAGE):
@@ -157,16 +204,31 @@ class CommitManifestFn(beam.DoFn):
                 files.append(write_rows(kind, [], self.spec, name="part-empty.parquet"))
         cache = None
         if self.cache is not None:
-            compact_run_files(self.cache, self.spec.rows_per_file)
             cache = {"enabled": True, "path": self.cache.url,
                      **dict(zip(("hits", "misses", "duplicates", "tokens_saved"), cache_counts))}
         manifest = build_manifest(
             self.info, files, records_read=records_read, documents_valid=documents_valid,
-            chunks=chunks, fatal=sorted(set(fatal)), cache=cache,
+            chunks=n_chunks, fatal=sorted(set(fatal)), cache=cache,
         )
-        storage = dict(self.spec.storage_options)
-        fs, root = self.spec.filesystem()
         if fs.exists(f"{root}/_temporary"):
             fs.rm(f"{root}/_temporary", recursive=True)
-        write_json_atomically(manifest_url(self.spec.path), manifest, storage)
+        write_json_atomically(manifest_url(self.spec.path), manifest,
+                              dict(self.spec.storage_options))
         yield manifest
+
+    def _drop_losers(self, fs, files: list[WrittenFile], duplicates) -> tuple[
+            list[WrittenFile], int]:
+        """Remove the rows of losing versions; returns the files and the chunks removed."""
+        kept: list[WrittenFile] = []
+        removed_chunks = 0
+        for f in files:
+            if f.kind == VECTORS.name:
+                f, removed = drop_rows(fs, f, duplicates, VECTORS.stats)
+                removed_chunks += removed.num_rows if removed is not None else 0
+            elif f.kind == REJECTS.name:
+                f, removed = drop_rows(fs, f, duplicates, REJECTS.stats)
+                if removed is not None:
+                    removed_chunks += sum(1 for s in removed.column("stage").to_pylist()
+                                          if s == STAGE_EMBED)
+            kept.append(f)
+        return kept, removed_chunks

@@ -87,6 +87,15 @@ def split_document(
         raise ValueError(
             f"overlap_tokens must be in [0, max_tokens={max_tokens}), got {overlap_tokens}"
         )
+    # Most documents fit in one chunk: one count (in Rust) decides it, where the splitter would
+    # tokenise the whole text into offsets first and then count the chunk again.
+    stripped = doc.text.strip()
+    if not stripped:
+        return []
+    n_tokens = tokenizer.count(stripped)
+    if n_tokens <= max_tokens:
+        start = len(doc.text) - len(doc.text.lstrip())
+        return [_make_chunk(doc, 0, start, start + len(stripped), n_tokens)]
     spans = _Splitter(doc.text, tokenizer, max_tokens, overlap_tokens).spans()
     return [_make_chunk(doc, index, *span) for index, span in enumerate(spans)]
 

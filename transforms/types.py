@@ -16,7 +16,8 @@ hashable, picklable and impossible to mutate by accident, unlike a shared ``dict
 from __future__ import annotations
 
 import datetime as dt
-from dataclasses import dataclass, field, replace
+import hashlib
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -108,6 +109,38 @@ class Document:
         return (self.source_url, -1 if self.position is None else self.position)
 
 
+def fingerprint(chunk_id: str, source: str) -> int:
+    """A 64-bit hash of one chunk's identity: its id and where its document was read.
+
+    The run's checksum is the sum of these (mod 2**64) over every chunk the splitter made; the
+    commit step checks it against the same sum over every vector row and chunk reject written, so
+    a chunk that vanished between the stages (or one written twice) cannot go unnoticed even when
+    the counts happen to agree.
+    """
+    data = f"{chunk_id}\x00{source}".encode("utf-8", "surrogatepass")
+    return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "little")
+
+
+FINGERPRINT_MODULUS = 2**64
+
+
+@dataclass(frozen=True, slots=True)
+class DocumentId:
+    """A valid document's id and where it was read: all duplicate-id detection needs.
+
+    Duplicate ids are decided at commit from these few bytes per document, not from whole
+    documents held in a shuffle (see :mod:`transforms.validate`).
+    """
+
+    doc_id: str
+    source_url: str
+    position: int | None
+
+    @property
+    def source(self) -> str:
+        return format_source(self.source_url, self.position)
+
+
 @dataclass(frozen=True, slots=True)
 class Chunk:
     """A token-bounded slice of a document: ``document.text[char_start:char_end] == text``."""
@@ -122,9 +155,11 @@ class Chunk:
     text: str
     source: str
     metadata: Metadata = ()
-    #: Other chunks of the corpus with exactly this text (set by the cache lookup): they are not
-    #: sent, and get this chunk's vector. Usage and packing count this chunk only.
-    twins: tuple[Chunk, ...] = ()
+
+    @property
+    def fingerprint(self) -> int:
+        """This chunk's term in the run's accounting checksum (see :func:`fingerprint`)."""
+        return fingerprint(self.chunk_id, self.source)
 
 
 @dataclass(frozen=True, slots=True)
@@ -164,14 +199,6 @@ class EmbeddedBatch:
 
     def __len__(self) -> int:
         return len(self.chunks)
-
-    def with_twins(self) -> EmbeddedBatch:
-        """The batch with every chunk's twins added, each with its original's vector."""
-        if not any(c.twins for c in self.chunks):
-            return self
-        rows = [i for i, c in enumerate(self.chunks) for _ in range(1 + len(c.twins))]
-        chunks = tuple(x for c in self.chunks for x in (replace(c, twins=()), *c.twins))
-        return EmbeddedBatch(chunks=chunks, model=self.model, vectors=self.vectors[rows])
 
 
 @dataclass(frozen=True, slots=True)
@@ -219,3 +246,25 @@ class WrittenFile:
     path: str
     rows: int
     stats: tuple[tuple[str, int], ...] = field(default=())
+
+
+@dataclass(frozen=True, slots=True)
+class FileRange:
+    """A part of one input file, read by one worker: what spreads one huge file over many.
+
+    ``start`` and ``end`` (exclusive) are byte offsets in JSONL and CSV, each at the start of a
+    line or row, and row group indexes in Parquet. ``end`` is None for a file read whole: a
+    compressed or text file, a small one, or one with nowhere to cut. ``first_position`` is the
+    1-based line or data row number of the range's first line or row, counted from the start of
+    the file when the range was planned: a worker that starts mid-file cannot count what came
+    before, and without it a record's source would not be exact.
+    """
+
+    source: SourceFile
+    start: int = 0
+    end: int | None = None
+    first_position: int = 1
+
+    @property
+    def whole(self) -> bool:
+        return self.end is None

@@ -1,18 +1,37 @@
 """The validate stage: raw records → documents, or rejects with a stable reason code.
 
 One set of rules for every input format, so a bad record is named the same way whether it came
-from JSONL, CSV, Parquet or a text file. Duplicate ids are resolved here too, deterministically:
-the version read from the earliest ``(file URL, line)`` is embedded and every other version is a
-``duplicate_id`` reject that names the winner, so re-runs pick the same one.
+from JSONL, CSV, Parquet or a text file.
+
+Duplicate ids are decided deterministically: the version read from the earliest
+``(file URL, line)`` is the one in the output, and every other version is a ``duplicate_id``
+reject that names the winner, so re-runs pick the same one. Deciding that needs every version of
+an id, and waiting for the whole corpus before embedding anything (a GroupByKey on the id held
+every document, whole, in memory on the in-process runner) is the one thing a backfill cannot
+afford. So this stage does not wait, and settles duplicates in two tiers:
+
+- **Here, as documents stream by** (:class:`SeenIds`): each worker remembers the ids it let
+  through (128-bit hashes and sources, ~28 bytes a document) and rejects at once a version whose
+  id it already let through from an earlier source. Files are read in order, line by line, so
+  within one worker the winner is nearly always seen first and a loser is never sent.
+- **At commit, exactly** (:mod:`transforms.dedup`): a :class:`~transforms.types.DocumentId` of
+  every version let through goes to the ``ids`` output; the commit step groups those and removes
+  the rows of any losing version that got past the first tier (read by another worker, or before
+  its winner) from the output before the manifest names it. Such a loser has been sent: it
+  costs one request's share, never correctness.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+import hashlib
+from collections.abc import Iterable, Iterator, Sequence
 
 import apache_beam as beam
+import numpy as np
+from apache_beam.transforms.window import GlobalWindows
 
 from pipeline.config import ValidateConfig
+from transforms.sorted_runs import SortedRuns
 from transforms.types import (
     DUPLICATE_ID,
     EMPTY_TEXT,
@@ -22,11 +41,14 @@ from transforms.types import (
     STAGE_VALIDATE,
     TOO_LARGE,
     Document,
+    DocumentId,
     RawRecord,
     Reject,
+    format_source,
 )
 
 TAG_REJECTS = "rejects"
+TAG_IDS = "ids"
 
 
 def normalize_id(value: object) -> str | None:
@@ -80,9 +102,12 @@ def validate_record(record: RawRecord, max_document_bytes: int) -> Document | Re
                     position=record.position, metadata=record.metadata)
 
 
-def pick_winner(versions: Iterable[Document]) -> tuple[Document, list[Reject]]:
+def pick_winner(
+    versions: Iterable[Document] | Iterable[DocumentId],
+) -> tuple[Document | DocumentId, list[Reject]]:
     """The earliest version of a document id, and a ``duplicate_id`` reject for every other."""
-    ordered = sorted(versions, key=lambda d: d.sort_key)
+    ordered = sorted(versions, key=lambda d: (d.source_url, -1 if d.position is None
+                                              else d.position))
     winner = ordered[0]
     rejects = [
         Reject(id=d.doc_id, doc_id=d.doc_id, source=d.source, stage=STAGE_VALIDATE,
@@ -92,28 +117,120 @@ def pick_winner(versions: Iterable[Document]) -> tuple[Document, list[Reject]]:
     return winner, rejects
 
 
+def _id_hashes(doc_ids: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+    """Two independent 64-bit halves of a 128-bit hash of each id (collisions: ~n²/2**129)."""
+    digests = b"".join(hashlib.blake2b(i.encode("utf-8", "surrogatepass"), digest_size=16)
+                       .digest() for i in doc_ids)
+    halves = np.frombuffer(digests, dtype=np.uint64).reshape(-1, 2)
+    return halves[:, 0].copy(), halves[:, 1].copy()
+
+
+class SeenIds:
+    """The ids one worker let through, with their sources: the first tier of duplicate ids.
+
+    :meth:`admit` takes documents in batches (one vectorised probe a batch) and returns, for
+    each, either the document (let it through) or a ``duplicate_id`` reject naming the earlier
+    source it was seen at. A version from the same source as the one seen is the same record
+    read again (a retried Beam bundle) and goes through.
+    """
+
+    def __init__(self) -> None:
+        self._runs = SortedRuns()
+        self._urls: list[str] = []
+        self._url_numbers: dict[str, int] = {}
+
+    def admit(self, docs: Sequence[Document]) -> list[Document | Reject]:
+        if not docs:
+            return []
+        high, low = _id_hashes([d.doc_id for d in docs])
+        found, seen_low, seen_url, seen_position = (
+            self._runs.find(high) if len(self._runs) else (np.zeros(len(docs), bool),) * 4)
+        out: list[Document | Reject] = []
+        first_in_batch: dict[tuple[int, int], Document] = {}
+        for i, doc in enumerate(docs):
+            earlier: str | None = None
+            if found[i] and seen_low[i] == low[i]:
+                url = self._urls[int(seen_url[i])]
+                position = int(seen_position[i])
+                if (url, position) < _order(doc):
+                    earlier = format_source(url, None if position < 0 else position)
+            twin = first_in_batch.get((int(high[i]), int(low[i])))
+            if earlier is None and twin is not None and twin.sort_key < doc.sort_key:
+                earlier = twin.source
+            if earlier is not None:
+                out.append(Reject(id=doc.doc_id, doc_id=doc.doc_id, source=doc.source,
+                                  stage=STAGE_VALIDATE, reason=DUPLICATE_ID,
+                                  detail=f"id also at {earlier}, which was read earlier"))
+                continue
+            if twin is None or doc.sort_key < twin.sort_key:
+                first_in_batch[(int(high[i]), int(low[i]))] = doc
+            out.append(doc)
+        admitted = [i for i, item in enumerate(out) if isinstance(item, Document)]
+        self._runs.add(high[admitted], low[admitted],
+                       np.array([self._url_number(docs[i].source_url) for i in admitted],
+                                dtype=np.uint32),
+                       np.array([_order(docs[i])[1] for i in admitted], dtype=np.int64))
+        return out
+
+    def _url_number(self, url: str) -> int:
+        number = self._url_numbers.get(url)
+        if number is None:
+            number = self._url_numbers[url] = len(self._urls)
+            self._urls.append(url)
+        return number
+
+
+def _order(doc: Document) -> tuple[str, int]:
+    return doc.sort_key
+
+
+#: Valid documents checked against :class:`SeenIds` at once.
+ADMIT_BATCH = 256
+
+
 class _ValidateFn(beam.DoFn):
     def __init__(self, max_document_bytes: int) -> None:
         self.max_document_bytes = max_document_bytes
+
+    def setup(self) -> None:
+        self._seen = SeenIds()  # lives as long as the DoFn: across the bundles of a worker
+
+    def start_bundle(self) -> None:
+        self._batch: list[Document] = []
 
     def process(self, record: RawRecord) -> Iterator[object]:
         result = validate_record(record, self.max_document_bytes)
         if isinstance(result, Reject):
             yield beam.pvalue.TaggedOutput(TAG_REJECTS, result)
-        else:
-            yield result
+            return
+        self._batch.append(result)
+        if len(self._batch) >= ADMIT_BATCH:
+            yield from self._admit()
 
+    def finish_bundle(self) -> Iterator[object]:
+        window = GlobalWindows.windowed_value
+        for output in self._admit():
+            if isinstance(output, beam.pvalue.TaggedOutput):
+                yield beam.pvalue.TaggedOutput(output.tag, window(output.value))
+            else:
+                yield window(output)
 
-def _resolve_duplicates(item: tuple[str, Iterable[Document]]) -> Iterator[object]:
-    _, versions = item
-    winner, rejects = pick_winner(versions)
-    yield winner
-    for reject in rejects:
-        yield beam.pvalue.TaggedOutput(TAG_REJECTS, reject)
+    def _admit(self) -> Iterator[object]:
+        batch, self._batch = self._batch, []
+        for item in self._seen.admit(batch):
+            if isinstance(item, Reject):
+                yield beam.pvalue.TaggedOutput(TAG_REJECTS, item)
+            else:
+                yield item
+                yield beam.pvalue.TaggedOutput(
+                    TAG_IDS, DocumentId(item.doc_id, item.source_url, item.position))
 
 
 class ValidateDocuments(beam.PTransform):
-    """``RawRecord`` → ``{"documents": Document, "rejects": Reject}``, ids unique."""
+    """``RawRecord`` → ``{"documents": Document, "rejects": Reject, "ids": DocumentId}``.
+
+    Documents may share an id here; see the module docstring for where that is settled.
+    """
 
     def __init__(self, cfg: ValidateConfig) -> None:
         super().__init__()
@@ -122,13 +239,6 @@ class ValidateDocuments(beam.PTransform):
     def expand(self, records: beam.PCollection) -> dict[str, beam.PCollection]:
         checked = records | "CheckRecords" >> beam.ParDo(
             _ValidateFn(self.cfg.max_document_bytes)
-        ).with_outputs(TAG_REJECTS, main="documents")
-        unique = (
-            checked.documents
-            | "KeyById" >> beam.Map(lambda d: (d.doc_id, d))
-            | "GroupById" >> beam.GroupByKey()
-            | "DedupIds" >> beam.FlatMap(_resolve_duplicates).with_outputs(
-                TAG_REJECTS, main="documents")
-        )
-        rejects = (checked[TAG_REJECTS], unique[TAG_REJECTS]) | "MergeRejects" >> beam.Flatten()
-        return {"documents": unique.documents, "rejects": rejects}
+        ).with_outputs(TAG_REJECTS, TAG_IDS, main="documents")
+        return {"documents": checked.documents, "rejects": checked[TAG_REJECTS],
+                "ids": checked[TAG_IDS]}
