@@ -34,6 +34,9 @@ class InputConfig(_Section):
     text_field: str = "text"
     metadata_fields: list[str] = Field(default_factory=list)
     storage_options: dict[str, Any] = Field(default_factory=dict)
+    # Uncompressed JSONL and CSV files above this size are read in ranges of about this size by
+    # several workers (Parquet: groups of row groups); compressed files are read whole.
+    range_bytes: int = Field(64 * 1024 * 1024, gt=0)
 
     @property
     def paths(self) -> list[str]:

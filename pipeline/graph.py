@@ -112,7 +112,7 @@ def build_pipeline(p: beam.Pipeline, cfg: Config, ctx: RunContext) -> None:
     """Wire the whole job onto ``p``; no I/O happens here."""
     spec = output_spec(cfg, ctx)
     cache = cache_spec(cfg, ctx.run_id)
-    read = p | "ReadCorpus" >> ReadCorpus(cfg.input)
+    read = p | "ReadCorpus" >> ReadCorpus(cfg.input, range_bytes=cfg.input.range_bytes)
     valid = read["records"] | "ValidateDocuments" >> ValidateDocuments(cfg.validate_)
     split = valid["documents"] | "SplitChunks" >> SplitChunks(cfg.split)
     embedded = split["chunks"] | "EmbedChunks" >> EmbedChunks(

@@ -65,7 +65,7 @@ class _SummarizeFn(beam.DoFn):
 
 
 def build_plan_pipeline(p: beam.Pipeline, cfg: Config, summary_path: str) -> None:
-    read = p | "ReadCorpus" >> ReadCorpus(cfg.input)
+    read = p | "ReadCorpus" >> ReadCorpus(cfg.input, range_bytes=cfg.input.range_bytes)
     valid = read["records"] | "ValidateDocuments" >> ValidateDocuments(cfg.validate_)
     # Every version of an id but the earliest is a duplicate_id reject in the run, settled at
     # its commit; here the losers are found first (from ids alone) and left out of the figures.

@@ -1,9 +1,29 @@
 """The read stage: ``input.path`` patterns in, raw records and read rejects out.
 
-Two steps, split so that Beam can spread the work: ``MatchFiles`` expands each pattern into
-:class:`SourceFile` elements (one listing per pattern), and after a reshuffle ``ReadRecords``
-streams each file into :class:`RawRecord` elements. Memory stays bounded by one JSON line, CSV row
-or Parquet batch, except in ``text`` format, where a whole file is one document.
+Three steps, each after a reshuffle, so that Beam spreads the work over workers: ``MatchFiles``
+expands each pattern into :class:`SourceFile` elements (one listing per pattern),
+``PlanRanges`` cuts each file into :class:`FileRange` elements, and ``ReadRecords`` streams each
+range into :class:`RawRecord` elements. Memory stays bounded by one JSON line, CSV row or Parquet
+batch, except in ``text`` format, where a whole file is one document.
+
+Why ranges: one file of several GB read by one worker serialises the run on Dataflow or Flink,
+however many workers there are. An uncompressed JSONL or CSV file larger than ``range_bytes`` is
+therefore cut at line (row) boundaries about every ``range_bytes``, and a Parquet file between
+row groups; compressed files (a decompressing stream cannot seek) and text files (one document)
+stay whole, as does every small file, planned without any I/O. Each record keeps the exact line
+or row number it would have if the file were read whole: the planner finds the cuts with one
+sequential scan that counts lines (bytes only, ``bytes.find`` and ``bytes.count``: far faster
+than parsing) or CSV rows (a line with a quote through the csv module itself, so that quoted
+newlines, blank lines and rows it rejects count exactly as the reader counts them), and gives
+every range the number of its first line or row. The scan runs on a worker, after the first reshuffle, so that the files
+of one pattern are scanned in parallel.
+
+Why not Beam's splittable DoFn (a ``RestrictionProvider`` over an ``OffsetRange``): it runs on
+the FnApiRunner and the PortableRunner here (tried on Beam 2.77: initial splits are processed,
+all within the one SDK worker these runners start), but its splits are byte offsets, and a worker
+that starts at a byte offset cannot know the number of the line it starts at. Exact sources need
+the scan either way, and once the cuts are known a plain "plan, reshuffle, read" spreads them on
+every runner alike, with no dependence on dynamic splitting, which only some runners do.
 
 Reading is deliberately permissive: this stage only turns bytes into fields. Whether an id or a
 text is acceptable is the validate stage's decision, so that every format shares one set of rules
@@ -23,6 +43,8 @@ Example::
 
 from __future__ import annotations
 
+import codecs
+import contextlib
 import csv
 import io
 import itertools
@@ -48,6 +70,7 @@ from transforms.types import (
     NO_FILES_MATCHED,
     STAGE_READ,
     UNREADABLE_FILE,
+    FileRange,
     RawRecord,
     Reject,
     SourceFile,
@@ -56,6 +79,9 @@ from transforms.types import (
 
 REJECTS: Final = "rejects"
 """Tag of the reject outputs of this stage's DoFns."""
+
+RANGE_BYTES: Final = 64 * 1024 * 1024
+"""The size above which a JSONL, CSV or Parquet file is read in ranges, each about this large."""
 
 UNKNOWN_FORMAT = "unknown"
 """The format ``format: auto`` gives a file whose name it cannot place. Such files stay in the
@@ -84,6 +110,12 @@ _CODEC_BY_SUFFIX = {".gz": "gzip", ".bz2": "bz2", ".xz": "xz", ".zst": "zstd", "
 _STREAMED_FORMATS = frozenset({"jsonl", "csv", "text"})
 
 _PARQUET_BATCH_ROWS = 1024
+
+# The planner's reads: large, so that counting newlines costs little more than the I/O.
+_SCAN_BLOCK_BYTES = 8 * 1024 * 1024
+
+# A range reader's buffer: a range is read front to back, in requests this large or larger.
+_READ_BUFFER_BYTES = 1024 * 1024
 
 # The csv module refuses fields over 128 KiB by default. Document size is the validate stage's
 # rule (validate.max_document_bytes, reason too_large), so that CSV behaves like every other format.
@@ -183,8 +215,8 @@ class _Progress:
     """How far a reader got, so that a file that breaks off is reported where it broke.
 
     Readers set ``opened`` once the file is open and advance ``records`` to the position (line
-    or row number) of each line or row they consume. The text reader never touches it: a whole
-    file has no position.
+    or row number) of each line or row they consume; a range starts them at the position before
+    its first line or row. The text reader never touches it: a whole file has no position.
     """
 
     opened: bool = False
@@ -196,17 +228,28 @@ class _Progress:
         return self.records + 1 if self.opened else None
 
 
-_Reader = Callable[[SourceFile, InputConfig, _Progress], Iterator[RawRecord | Reject]]
+_Reader = Callable[[FileRange, InputConfig, _Progress], Iterator[RawRecord | Reject]]
 
 
 def read_records(source: SourceFile, cfg: InputConfig) -> Iterator[RawRecord | Reject]:
-    """Stream one file into raw records, with a reject for each part that cannot be read.
+    """Stream one whole file into raw records, with a reject for each part that cannot be read.
 
     Records come out in file order with their 1-based line (JSONL) or data row (CSV, Parquet)
     number. If the file fails part-way (corrupt compression, truncated Parquet, lost connection),
     the records already read stand and a single ``unreadable_file`` reject at the first position
     not read ends the file: the rest of the corpus is still read.
     """
+    return read_range(FileRange(source), cfg)
+
+
+def read_range(part: FileRange, cfg: InputConfig) -> Iterator[RawRecord | Reject]:
+    """Stream one range of a file as :func:`read_records` streams the whole file.
+
+    A range yields exactly the records and rejects, with the same positions, that reading its
+    file whole yields for that part of the file. A range that fails is reported at its first
+    position not read, even when it could not be opened: its file was open when it was planned.
+    """
+    source = part.source
     reader = _READERS.get(source.format)
     if reader is None:
         yield _reject(
@@ -216,9 +259,9 @@ def read_records(source: SourceFile, cfg: InputConfig) -> Iterator[RawRecord | R
             + ", ".join(sorted(_READERS)),
         )
         return
-    progress = _Progress()
+    progress = _Progress(opened=not part.whole, records=part.first_position - 1)
     try:
-        yield from reader(source, cfg, progress)
+        yield from reader(part, cfg, progress)
     except Exception as exc:  # noqa: BLE001 - whatever breaks one file is that file's reject
         yield _reject(
             format_source(source.url, progress.failed_at),
@@ -228,15 +271,16 @@ def read_records(source: SourceFile, cfg: InputConfig) -> Iterator[RawRecord | R
 
 
 def _read_jsonl(
-    source: SourceFile, cfg: InputConfig, progress: _Progress
+    part: FileRange, cfg: InputConfig, progress: _Progress
 ) -> Iterator[RawRecord | Reject]:
-    with _open(source, cfg) as f:
+    url = part.source.url
+    with _open(part.source, cfg) as f:
         progress.opened = True
         # Buffered, because zstandard's decompressing reader cannot iterate lines by itself.
-        for raw in io.BufferedReader(f):
+        for raw in io.BufferedReader(_window(f, part)):
             progress.records += 1
             if raw.strip():
-                yield _parse_json_line(raw, source.url, progress.records, cfg)
+                yield _parse_json_line(raw, url, progress.records, cfg)
 
 
 def _parse_json_line(raw: bytes, url: str, line: int, cfg: InputConfig) -> RawRecord | Reject:
@@ -260,15 +304,16 @@ def _parse_json_line(raw: bytes, url: str, line: int, cfg: InputConfig) -> RawRe
 
 
 def _read_csv(
-    source: SourceFile, cfg: InputConfig, progress: _Progress
+    part: FileRange, cfg: InputConfig, progress: _Progress
 ) -> Iterator[RawRecord | Reject]:
     csv.field_size_limit(_CSV_FIELD_LIMIT)
-    # surrogateescape keeps undecodable bytes as lone surrogates: a bad byte costs its row only.
-    with _open(
-        source, cfg, mode="rt", encoding=_UTF8_SKIPPING_BOM, errors="surrogateescape", newline=""
-    ) as f:
-        rows = csv.reader(f)
-        header = next(rows, [])
+    url = part.source.url
+    with _open(part.source, cfg) as f:
+        # A range after the first reads the header from the file's start: every range needs it.
+        header = _csv_header(f, part.start) if part.start else None
+        rows = csv.reader(_csv_text(_window(f, part), at_start=not part.start))
+        if header is None:
+            header = next(rows, [])
         progress.opened = True
         while True:
             try:
@@ -279,14 +324,30 @@ def _read_csv(
                 # The reader has consumed the bad line and starts afresh on the next call.
                 progress.records += 1
                 yield _reject(
-                    format_source(source.url, progress.records),
+                    format_source(url, progress.records),
                     MALFORMED_RECORD,
                     f"row is not valid CSV: {exc}",
                 )
                 continue
             if row:  # a blank line is not a row, as in csv.DictReader
                 progress.records += 1
-                yield _parse_csv_row(header, row, source.url, progress.records, cfg)
+                yield _parse_csv_row(header, row, url, progress.records, cfg)
+
+
+def _csv_header(f: Any, end: int) -> list[str]:
+    """The header row of an open CSV file, read from its start; it ends before ``end``."""
+    return next(csv.reader(_csv_text(io.BufferedReader(_Window(f, 0, end)))), [])
+
+
+def _csv_text(stream: Any, at_start: bool = True) -> io.TextIOWrapper:
+    # surrogateescape keeps undecodable bytes as lone surrogates: a bad byte costs its row only.
+    # Only a file's start may hold a byte-order mark; mid-file, U+FEFF is a character like any.
+    return io.TextIOWrapper(
+        stream,
+        encoding=_UTF8_SKIPPING_BOM if at_start else "utf-8",
+        errors="surrogateescape",
+        newline="",
+    )
 
 
 def _parse_csv_row(
@@ -312,15 +373,19 @@ def _parse_csv_row(
 
 
 def _read_parquet(
-    source: SourceFile, cfg: InputConfig, progress: _Progress
+    part: FileRange, cfg: InputConfig, progress: _Progress
 ) -> Iterator[RawRecord | Reject]:
-    with _open(source, cfg) as f:
+    url = part.source.url
+    with _open(part.source, cfg) as f:
         parquet = pq.ParquetFile(f)
         present = set(parquet.schema_arrow.names)
         # A column the file lacks reads as None, so the validate stage rejects (never drops) rows.
         columns = [name for name in dict.fromkeys(_fields_read(cfg)) if name in present]
+        groups = None if part.end is None else range(part.start, part.end)
         progress.opened = True
-        for batch in parquet.iter_batches(batch_size=_PARQUET_BATCH_ROWS, columns=columns):
+        for batch in parquet.iter_batches(
+            batch_size=_PARQUET_BATCH_ROWS, row_groups=groups, columns=columns
+        ):
             first = progress.records + 1
             progress.records += batch.num_rows
             values = {name: batch.column(name).to_pylist() for name in columns}
@@ -332,7 +397,7 @@ def _read_parquet(
                 *(values.get(name, absent) for name in cfg.metadata_fields),
             ):
                 yield RawRecord(
-                    source_url=source.url,
+                    source_url=url,
                     position=position,
                     doc_id=doc_id,
                     text=text,
@@ -341,10 +406,12 @@ def _read_parquet(
 
 
 def _read_text(
-    source: SourceFile, cfg: InputConfig, progress: _Progress
+    part: FileRange, cfg: InputConfig, progress: _Progress
 ) -> Iterator[RawRecord | Reject]:
     # One document per file, identified by its path below the pattern's root. It has no
-    # position, so ``progress`` stays unopened and a failure names the file alone.
+    # position, so ``progress`` stays unopened and a failure names the file alone. Text files
+    # are never cut: ``part`` is always the whole file.
+    source = part.source
     doc_id = _relative_path(source.url, source.root)
     with _open(source, cfg) as f:
         data = f.read()
@@ -373,6 +440,35 @@ _READERS: dict[str, _Reader] = {
     "parquet": _read_parquet,
     "text": _read_text,
 }
+
+
+class _Window(io.RawIOBase):
+    """Bytes ``[start, end)`` of a seekable binary file, as a stream that ends at ``end``.
+
+    Closing it leaves the file open: the file belongs to whoever opened it.
+    """
+
+    def __init__(self, f: Any, start: int, end: int) -> None:
+        super().__init__()
+        f.seek(start)
+        self._f = f
+        self._left = end - start
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        data = self._f.read(min(len(buffer), self._left)) if self._left > 0 else b""
+        buffer[: len(data)] = data
+        self._left -= len(data)
+        return len(data)
+
+
+def _window(f: Any, part: FileRange) -> Any:
+    """The part of an open file that ``part`` covers: the file itself when it is whole."""
+    if part.end is None:
+        return f
+    return io.BufferedReader(_Window(f, part.start, part.end), _READ_BUFFER_BYTES)
 
 
 def _open(source: SourceFile, cfg: InputConfig, mode: str = "rb", **text_options: str) -> OpenFile:
@@ -451,6 +547,160 @@ def _strings_in(value: Any) -> Iterator[str]:
             yield from _strings_in(item)
 
 
+# --- Ranges ------------------------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class _Scan:
+    """How far a planner got: ``opened`` once the file is open, ``end`` once it is all seen.
+
+    ``end`` is the file's length in bytes, or its number of row groups for Parquet.
+    """
+
+    opened: bool = False
+    end: int = 0
+
+
+# Where a range starts (byte offset or row group index) and the position of its first record.
+_Cut = tuple[int, int]
+_Cutter = Callable[[SourceFile, InputConfig, int, _Scan], Iterator[_Cut]]
+
+
+def plan_ranges(
+    source: SourceFile, cfg: InputConfig, range_bytes: int = RANGE_BYTES
+) -> list[FileRange] | list[Reject]:
+    """The ranges, in file order, that tile one file; one whole-file range unless worth cutting.
+
+    An uncompressed JSONL or CSV file larger than ``range_bytes`` is scanned once, front to back,
+    and cut at the first line (row) boundary at or after every ``range_bytes``; a Parquet file
+    that large is cut between row groups of about ``range_bytes`` together, from its footer.
+    Anything else is one whole-file range, planned without I/O: small, compressed and text files,
+    and files of unknown format, which the reader rejects. A file that cannot be opened is the
+    same ``unreadable_file`` reject its reader would give; one that breaks off during the scan is
+    one whole-file range, so that its reader reports exactly where it breaks.
+    """
+    cutter = _CUTTERS.get(source.format)
+    if cutter is None or source.size <= range_bytes or _codec(source.url) is not None:
+        return [FileRange(source)]
+    scan = _Scan()
+    try:
+        cuts = list(cutter(source, cfg, range_bytes, scan))
+    except Exception as exc:  # noqa: BLE001 - whatever breaks one file is that file's reject
+        if scan.opened:
+            return [FileRange(source)]
+        return [_reject(source.url, UNREADABLE_FILE, _describe(exc, cfg.storage_options))]
+    return _tile(source, cuts, scan.end)
+
+
+def _tile(source: SourceFile, cuts: list[_Cut], end: int) -> list[FileRange]:
+    starts = [(0, 1), *(cut for cut in cuts if cut[0] < end)]
+    if len(starts) == 1:
+        return [FileRange(source)]
+    stops = [start for start, _ in starts[1:]] + [end]
+    return [FileRange(source, start, stop, first) for (start, first), stop in zip(starts, stops)]
+
+
+def _cut_jsonl(
+    source: SourceFile, cfg: InputConfig, range_bytes: int, scan: _Scan
+) -> Iterator[_Cut]:
+    """Cut after the first newline at or past every ``range_bytes``.
+
+    Lines are counted as the reader counts them: one for every ``b"\\n"``, blank ones included.
+    """
+    with _open(source, cfg) as f:
+        scan.opened = True
+        offset = lines = 0  # at the start of ``block``: the bytes and the newlines before it
+        target = range_bytes  # no cut before this offset
+        while block := f.read(_SCAN_BLOCK_BYTES):
+            counted = 0  # the newlines of ``block[:counted]`` are in ``lines``
+            while (newline := block.find(b"\n", max(target - offset, counted))) != -1:
+                lines += block.count(b"\n", counted, newline + 1)
+                counted = newline + 1
+                target = offset + counted + range_bytes
+                yield offset + counted, lines + 1
+            lines += block.count(b"\n", counted)
+            offset += len(block)
+        scan.end = offset
+
+
+def _cut_csv(
+    source: SourceFile, cfg: InputConfig, range_bytes: int, scan: _Scan
+) -> Iterator[_Cut]:
+    """Cut after the first row that ends at or past every ``range_bytes``.
+
+    Rows are counted as the reader counts them: the header and blank lines not, a row the csv
+    module rejects too, and a cut never falls inside a quoted field. The scan reads Latin-1,
+    where one character is one byte, so that the length of the lines read is the byte offset
+    reached; it sees the reader's structure, as every character that shapes a row (comma,
+    quote, CR, LF) is ASCII, and UTF-8 encodes nothing else with an ASCII byte.
+
+    At a row boundary a line without a quote is one row, or blank: it ends where the line ends,
+    whatever its commas. Only a line with a quote, which may open a field that goes on for
+    lines, needs the csv module, which then reads exactly that row: it pulls lines only until
+    the row is complete, and starts afresh on the next line after an error.
+    """
+    csv.field_size_limit(_CSV_FIELD_LIMIT)
+    with _open(source, cfg) as f:
+        scan.opened = True
+        # The reader drops a leading byte-order mark; left in, it could unquote a header field.
+        bom = f.read(len(codecs.BOM_UTF8)) == codecs.BOM_UTF8
+        f.seek(len(codecs.BOM_UTF8) if bom else 0)
+        lines = _CountedLines(io.TextIOWrapper(f, encoding="latin-1", newline=""), f.tell())
+        rest = iter(lines)
+        next(csv.reader(rest), [])  # the header
+        records = 0
+        target = range_bytes
+        for line in rest:
+            if '"' in line:
+                with contextlib.suppress(csv.Error):  # a row the reader rejects, and counts
+                    next(csv.reader(itertools.chain((line,), rest)))
+                records += 1
+            elif line.strip("\r\n"):
+                records += 1
+            if lines.offset >= target:
+                target = lines.offset + range_bytes
+                yield lines.offset, records + 1
+        scan.end = lines.offset
+
+
+@dataclass(slots=True)
+class _CountedLines:
+    """The lines of a Latin-1 text, and the byte offset that the lines consumed so far reach."""
+
+    text: Iterable[str]
+    offset: int
+
+    def __iter__(self) -> Iterator[str]:
+        for line in self.text:
+            self.offset += len(line)
+            yield line
+
+
+def _cut_parquet(
+    source: SourceFile, cfg: InputConfig, range_bytes: int, scan: _Scan
+) -> Iterator[_Cut]:
+    """Cut before the first row group at or past every ``range_bytes`` of compressed data."""
+    with _open(source, cfg) as f:
+        scan.opened = True
+        metadata = pq.ParquetFile(f).metadata
+    rows = size = 0
+    for index in range(metadata.num_row_groups):
+        if size >= range_bytes:
+            yield index, rows + 1
+            size = 0
+        group = metadata.row_group(index)
+        size += sum(group.column(i).total_compressed_size for i in range(group.num_columns))
+        rows += group.num_rows
+    scan.end = metadata.num_row_groups
+
+
+_CUTTERS: dict[str, _Cutter] = {
+    "jsonl": _cut_jsonl,
+    "csv": _cut_csv,
+    "parquet": _cut_parquet,
+}
+
+
 # --- Beam --------------------------------------------------------------------------------------
 
 
@@ -485,10 +735,32 @@ class MatchFilesFn(beam.DoFn):
         yield from files
 
 
-class ReadRecordsFn(beam.DoFn):
-    """Stream one file into raw records; its read rejects go to the ``rejects`` output."""
+class PlanRangesFn(beam.DoFn):
+    """Cut one file into the ranges that workers read; a file it cannot open is a reject."""
 
     _files_read = Metrics.counter("embedpipe", "files_read")
+    _file_ranges = Metrics.counter("embedpipe", "file_ranges")
+
+    def __init__(self, cfg: InputConfig, range_bytes: int) -> None:
+        super().__init__()
+        self._cfg = cfg
+        self._range_bytes = range_bytes
+
+    def process(
+        self, source: SourceFile
+    ) -> Iterator[FileRange | TaggedOutput[Literal["rejects"], Reject]]:
+        self._files_read.inc()
+        for item in plan_ranges(source, self._cfg, self._range_bytes):
+            if isinstance(item, Reject):
+                yield TaggedOutput(REJECTS, item)
+            else:
+                self._file_ranges.inc()
+                yield item
+
+
+class ReadRecordsFn(beam.DoFn):
+    """Stream one range of a file into raw records; its rejects go to the ``rejects`` output."""
+
     _records_read = Metrics.counter("embedpipe", "records_read")
 
     def __init__(self, cfg: InputConfig) -> None:
@@ -496,10 +768,9 @@ class ReadRecordsFn(beam.DoFn):
         self._cfg = cfg
 
     def process(
-        self, source: SourceFile
+        self, part: FileRange
     ) -> Iterator[RawRecord | TaggedOutput[Literal["rejects"], Reject]]:
-        self._files_read.inc()
-        for item in read_records(source, self._cfg):
+        for item in read_range(part, self._cfg):
             if isinstance(item, Reject):
                 yield TaggedOutput(REJECTS, item)
             else:
@@ -511,13 +782,17 @@ class ReadCorpus(beam.PTransform):
     """Read every file that ``input.path`` names into raw records, and the read rejects.
 
     Returns ``{"records": PCollection[RawRecord], "rejects": PCollection[Reject]}``. Files are
-    reshuffled after matching, so that a corpus of many files is read by many workers, each
-    streaming whole files.
+    reshuffled after matching, so that many files are planned by many workers, and ranges after
+    planning, so that many ranges (of many files, or of one huge file) are read by many workers.
+    ``range_bytes`` is the size above which a file is cut, and about the size of each range.
     """
 
-    def __init__(self, cfg: InputConfig) -> None:
+    def __init__(self, cfg: InputConfig, range_bytes: int = RANGE_BYTES) -> None:
         super().__init__()
+        if range_bytes <= 0:
+            raise ValueError(f"range_bytes must be positive, not {range_bytes}")
         self._cfg = cfg
+        self._range_bytes = range_bytes
 
     def expand(self, pbegin: PBegin) -> dict[str, PCollection]:
         matched = (
@@ -526,11 +801,25 @@ class ReadCorpus(beam.PTransform):
             | "MatchFiles"
             >> beam.ParDo(MatchFilesFn(self._cfg)).with_outputs(REJECTS, main="files")
         )
-        read = (
+        planned = (
             matched.files
-            | "SpreadFiles" >> beam.Reshuffle()
+            # One file matched by two patterns is read once (its two versions would otherwise
+            # be duplicate ids of each other, with one source); the shuffle also spreads files.
+            | "KeyByUrl" >> beam.Map(lambda source: (source.url, source))
+            | "SpreadFiles" >> beam.GroupByKey()
+            | "OncePerFile" >> beam.MapTuple(lambda _, same: min(same, key=lambda s: s.root))
+            | "PlanRanges"
+            >> beam.ParDo(PlanRangesFn(self._cfg, self._range_bytes)).with_outputs(
+                REJECTS, main="ranges"
+            )
+        )
+        read = (
+            planned.ranges
+            | "SpreadRanges" >> beam.Reshuffle()
             | "ReadRecords"
             >> beam.ParDo(ReadRecordsFn(self._cfg)).with_outputs(REJECTS, main="records")
         )
-        rejects = (matched[REJECTS], read[REJECTS]) | "MergeRejects" >> beam.Flatten()
+        rejects = (matched[REJECTS], planned[REJECTS], read[REJECTS]) | "MergeRejects" >> (
+            beam.Flatten()
+        )
         return {"records": read.records, "rejects": rejects}
