@@ -5,7 +5,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: setup run test bench bench-cache lint clean
+.PHONY: setup run test bench bench-cache bench-scale lint clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -26,6 +26,9 @@ bench: setup
 
 bench-cache: setup
 	$(BIN)/python -m tests.bench_cache $(BENCH_ARGS)
+
+bench-scale: setup
+	$(BIN)/python -m tests.bench_scale $(BENCH_ARGS)
 
 lint: setup
 	$(BIN)/python -m pip install --quiet ruff==0.17.6 mypy==2.4.1
