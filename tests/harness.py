@@ -35,7 +35,7 @@ def make_config(input_paths: list[str], out_path: str, base_url: str,
                    "rows_per_file": 50},
     }
     for name, values in sections.items():
-        data[name] = {**data[name], **values}
+        data[name] = {**data.get(name, {}), **values}
     return parse_config(data)
 
 

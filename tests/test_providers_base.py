@@ -128,3 +128,24 @@ def test_redact_removes_full_and_partial_keys() -> None:
     text = f"Incorrect API key provided: {key[:12]}...{key[-8:]} and {key}"
     out = redact(text, key)
     assert key not in out and key[:12] not in out and key[-8:] not in out
+
+
+def test_uniform_base64_is_decoded_at_once_and_still_aligned_by_index() -> None:
+    """The one-decode path for unpadded base64 gives what per-vector decoding gives, in index
+    order; padded vectors, lists and a stray character take the checked per-vector path."""
+    import base64 as b64
+
+    import numpy as np
+
+    from transforms.errors import MalformedResponseError
+    from transforms.providers.base import align_by_index
+
+    rng = np.random.default_rng(3)
+    for dim in (6, 5, 1536):  # 5 floats = 20 bytes: padded base64
+        matrix = rng.standard_normal((7, dim)).astype("<f4")
+        items = [{"index": i, "embedding": b64.b64encode(matrix[i].tobytes()).decode()}
+                 for i in (3, 0, 6, 1, 5, 2, 4)]
+        np.testing.assert_array_equal(align_by_index(items, 7), matrix)
+    items[2] = {**items[2], "embedding": "!" + items[2]["embedding"][1:]}
+    with pytest.raises(MalformedResponseError, match="embedding 6 is not valid base64"):
+        align_by_index(items, 7)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import logging
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -36,6 +37,8 @@ from transforms.types import (
     WrittenFile,
 )
 from transforms.write import IDS, REJECTS, USAGE, VECTORS, OutputSpec, write_rows
+
+log = logging.getLogger(__name__)
 
 STATUS_PARTIAL = "partial"
 STATUS_COMPLETE = "complete"
@@ -193,6 +196,8 @@ class CommitManifestFn(beam.DoFn):
         duplicates = find_duplicates(fs, id_files) if id_files else NO_DUPLICATES
         if duplicates.rejects:
             files, removed_chunks = self._drop_losers(fs, files, duplicates)
+            log.info("embedpipe: %d versions of duplicated ids settled at commit (%d of their "
+                     "chunks removed from the output)", len(duplicates.rejects), removed_chunks)
             n_chunks -= removed_chunks
             documents_valid -= len(duplicates.rejects)
             files.append(write_rows(REJECTS, list(duplicates.rejects), self.spec,

@@ -105,9 +105,11 @@ class OutputSpec:
 def vectors_table(batches: Sequence[EmbeddedBatch], spec: OutputSpec) -> pa.Table:
     """One row per chunk; the embedding column is ``fixed_size_list<float32>[dim]``."""
     chunks = [c for b in batches for c in b.chunks]
-    matrix = np.vstack([b.vectors for b in batches]).astype(np.float32, copy=False)
-    dim = matrix.shape[1]
-    columns: dict[str, pa.Array] = {
+    dim = batches[0].vectors.shape[1]
+    if any(b.vectors.shape[1] != dim for b in batches):
+        raise ValueError(f"vectors of several dimensions in one file: "
+                         f"{sorted({b.vectors.shape[1] for b in batches})}")
+    columns: dict[str, pa.Array | pa.ChunkedArray] = {
         "id": pa.array([c.chunk_id for c in chunks], pa.string()),
         "doc_id": pa.array([c.doc_id for c in chunks], pa.string()),
         "chunk_index": pa.array([c.chunk_index for c in chunks], pa.int32()),
@@ -120,9 +122,10 @@ def vectors_table(batches: Sequence[EmbeddedBatch], spec: OutputSpec) -> pa.Tabl
     if spec.include_text:
         columns["text"] = pa.array([c.text for c in chunks], pa.string())
     columns["model"] = pa.array([b.model for b in batches for _ in b.chunks], pa.string())
-    columns["embedding"] = pa.FixedSizeListArray.from_arrays(
-        pa.array(np.ascontiguousarray(matrix).reshape(-1), pa.float32()), dim
-    )
+    # One Arrow chunk per request, no copy into one matrix: the writer takes chunked columns.
+    columns["embedding"] = pa.chunked_array([pa.FixedSizeListArray.from_arrays(
+        pa.array(np.ascontiguousarray(b.vectors, dtype=np.float32).reshape(-1), pa.float32()),
+        dim) for b in batches], pa.list_(pa.float32(), dim))
     for position, name in enumerate(spec.metadata_fields):
         if name in columns:
             continue  # a metadata field never shadows a contract column

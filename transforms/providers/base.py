@@ -359,25 +359,54 @@ def align_by_index(items: Sequence[Any], n_inputs: int, *, key: str = "embedding
 
     Items without an ``index`` are taken in the order given (some servers omit it). Missing,
     duplicate or out-of-range indices and a count that differs from the request are malformed.
+    Base64 vectors of one length without padding (every dimension divisible by 3, as 256, 768,
+    1024, 1536, 3072) are decoded in one call straight into the matrix: per-vector decoding and
+    stacking were a tenth of a run's CPU at dimension 1536.
     """
     if len(items) != n_inputs:
         raise MalformedResponseError(
             f"answer has {len(items)} embeddings for {n_inputs} inputs"
         )
-    rows: list[np.ndarray | None] = [None] * n_inputs
+    ordered: list[Any] = [None] * n_inputs
     for position, item in enumerate(items):
         if isinstance(item, dict):
             index = item.get("index", position)
             value = item.get(key)
         else:
             index, value = position, item
-        if not isinstance(index, int) or not 0 <= index < n_inputs or rows[index] is not None:
+        if not isinstance(index, int) or not 0 <= index < n_inputs or ordered[index] is not None:
             raise MalformedResponseError(f"answer has a bad or repeated index {index!r}")
-        rows[index] = decode_embedding(value, position=index)
-    dims = {row.shape[0] for row in rows if row is not None}
+        if value is None:
+            raise MalformedResponseError(f"embedding {index} is missing")
+        ordered[index] = value
+    matrix = _decode_uniform_base64(ordered)
+    if matrix is not None:
+        return matrix
+    rows = [decode_embedding(value, position=index) for index, value in enumerate(ordered)]
+    dims = {row.shape[0] for row in rows}
     if len(dims) != 1:
         raise MalformedResponseError(f"answer mixes embedding dimensions {sorted(dims)}")
-    return np.vstack(rows)  # type: ignore[arg-type]
+    return np.vstack(rows)
+
+
+def _decode_uniform_base64(values: list[Any]) -> np.ndarray | None:
+    """One decode for base64 strings of one unpadded length; None when they are not that."""
+    first = values[0] if values else None
+    if not isinstance(first, str) or not first or len(first) % 4 or first.endswith("="):
+        return None
+    width = len(first)
+    if not all(isinstance(v, str) and len(v) == width and not v.endswith("=") for v in values):
+        return None
+    try:
+        # Not validate=True: its regex over megabytes costs more than the decode. A character
+        # outside the alphabet is dropped by the decoder, which the length check then catches.
+        raw = binascii.a2b_base64("".join(values))
+    except (binascii.Error, ValueError):
+        return None  # the per-vector path names the culprit
+    if len(raw) != len(values) * (width // 4 * 3) or len(raw) % (4 * len(values)):
+        return None
+    return np.frombuffer(raw, dtype="<f4").astype(np.float32, copy=False).reshape(
+        len(values), -1)
 
 
 def check_vectors(vectors: np.ndarray, n_inputs: int, expected_dim: int | None) -> None:
