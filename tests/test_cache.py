@@ -372,7 +372,7 @@ def test_each_distinct_text_is_sent_once(tmp_path: Path) -> None:
     """Documents that share their text, and a document whose chunks repeat, cost one input per
     distinct chunk text: the server sees each exactly once, every row carries its text's vector,
     the manifest counts the other rows as ``duplicates``, and the cache (by default beside the
-    output, compacted at commit) holds each text once.
+    output, one segment per request) holds each text once.
     """
     documents = duplicated_documents()
     chunks = expected_chunks(documents)

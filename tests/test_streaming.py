@@ -11,6 +11,7 @@ earliest ``(file, line)`` and a ``duplicate_id`` reject for every other version.
 from __future__ import annotations
 
 import json
+import re
 from collections import Counter
 from pathlib import Path
 
@@ -156,3 +157,34 @@ def test_two_worker_processes_with_the_cache_on_embed_every_chunk(tmp_path: Path
         _, tables = read_output(str(tmp_path / output))
         assert sorted(tables["vectors"].column("doc_id").to_pylist()) == [d for d, _ in docs]
     assert second["cache"]["hits"] == len(docs) and resent == []
+
+
+def test_an_output_that_misses_chunks_is_never_committed(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """The guard behind the fix: should any stage or runner lose vector rows (as Beam's runner
+    did in multi_processing), the commit step refuses: exit 4, manifest still ``partial``, and
+    the log says how many chunks are missing. Here the writer drops one request's vectors."""
+    import transforms.write as write
+
+    docs = [(f"doc-{n:04d}", sentence(n)) for n in range(200)]
+    write_jsonl(tmp_path / "docs.jsonl", docs)
+    real = write.vectors_table
+
+    def lossy(batches, spec):
+        return real(batches[1:] if len(batches) > 1 else batches, spec)
+
+    import dataclasses
+
+    import pipeline.graph as graph
+
+    monkeypatch.setattr(graph, "VECTORS", dataclasses.replace(write.VECTORS, to_table=lossy))
+    with EmbeddingServer(dim=16, model=MODEL) as server:
+        cfg = make_config([str(tmp_path / "docs.jsonl")], str(tmp_path / "out"),
+                          server.base_url, output={"rows_per_file": 1000})
+        assert execute(RunRequest(cfg, quiet=True)) == 4
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert manifest["status"] == "partial"
+    found = re.search(r"made (\d+) chunks but wrote (\d+) vector rows", caplog.text)
+    assert found and int(found.group(1)) == len(docs), caplog.text[-2000:]
+    assert 0 < int(found.group(2)) < len(docs)  # the writer (a pickled copy) dropped one request
+    assert verify_output(str(tmp_path / "out"))  # and verify says it is not complete
