@@ -33,7 +33,7 @@ from transforms.manifest import CommitManifestFn, RunInfo
 from transforms.read import ReadCorpus
 from transforms.retry import RetryPolicy
 from transforms.split import SplitChunks
-from transforms.types import FINGERPRINT_MODULUS, Chunk, WrittenFile
+from transforms.types import FINGERPRINT_MODULUS, WrittenFile
 from transforms.validate import ValidateDocuments
 from transforms.write import IDS, REJECTS, USAGE, VECTORS, OutputSpec, WriteShards
 
@@ -99,10 +99,6 @@ def _sum_columns(rows: Iterable[tuple[int, ...]]) -> tuple[int, ...]:
     return tuple(sum(column) for column in zip(*rows, strict=True))
 
 
-def _chunk_terms(chunk: Chunk) -> tuple[int, int]:
-    return (1, chunk.fingerprint)
-
-
 def _chunk_totals(rows: Iterable[tuple[int, int]]) -> tuple[int, int]:
     count, checksum = _sum_columns(rows) or (0, 0)
     return (count, checksum % FINGERPRINT_MODULUS)
@@ -132,8 +128,7 @@ def build_pipeline(p: beam.Pipeline, cfg: Config, ctx: RunContext) -> None:
     def count(pcoll: beam.PCollection, label: str) -> AsSingleton:
         return AsSingleton(pcoll | label >> beam.combiners.Count.Globally())
 
-    chunks = (split["chunks"] | "ChunkTerms" >> beam.Map(_chunk_terms)
-              | "CountChunks" >> beam.CombineGlobally(_chunk_totals))
+    chunks = split["totals"] | "CountChunks" >> beam.CombineGlobally(_chunk_totals)
     cache_counts = embedded["cache"] | "SumCacheCounts" >> beam.CombineGlobally(
         lambda rows: _sum_columns(rows) or (0, 0, 0, 0))
     _ = (

@@ -187,7 +187,7 @@ class CacheIndex:
         self._lock = threading.Lock()
         self._segments: list[str] = []
         self._keys = SortedRuns()
-        self._decoded: OrderedDict[int, tuple[list[str], np.ndarray]] = OrderedDict()
+        self._decoded: OrderedDict[int, tuple[list[str], np.ndarray, np.ndarray]] = OrderedDict()
         self._decoded_bytes = 0
         self._fs.makedirs(self._root, exist_ok=True)
         key_file = f"{self._root}/namespace.json"
@@ -224,48 +224,65 @@ class CacheIndex:
     # -- lookup --------------------------------------------------------------------------------
 
     def lookup(self, chunks: Sequence[Chunk]) -> tuple[list[int], np.ndarray]:
-        """The positions in ``chunks`` whose text is cached, and their vectors (one per hit)."""
+        """The positions in ``chunks`` whose text is cached, and their vectors (one per hit).
+
+        Hits are gathered a segment at a time (one fancy index per segment, not a row at a
+        time); a hit whose full sha256 differs (a prefix collision) or whose stored vector is
+        unusable (not finite, or all zeros) is a miss.
+        """
+        empty = np.zeros((0, 0), dtype=np.float32)
         if not chunks:
-            return [], np.zeros((0, 0), dtype=np.float32)
+            return [], empty
         keys = sha_prefixes([c.content_sha256 for c in chunks])
         with self._lock:
-            found, segment, row = self._keys.find(keys) if len(self._keys) else (
-                np.zeros(len(keys), dtype=bool), None, None)
-        hits: list[int] = []
-        vectors: list[np.ndarray] = []
-        for position in np.flatnonzero(found):
-            entry = self._row(int(segment[position]), int(row[position]))
-            if entry is None:
+            if not len(self._keys):
+                return [], empty
+            found, segment, row = self._keys.find(keys)
+        positions = np.flatnonzero(found)
+        if not len(positions):
+            return [], empty
+        taken: list[np.ndarray] = []
+        blocks: list[np.ndarray] = []
+        for number in np.unique(segment[positions]):
+            decoded = self._segment(int(number))
+            if decoded is None:
                 continue
-            sha, vector = entry
-            if sha != chunks[position].content_sha256 or not _usable(vector):
-                continue  # a prefix collision, or a vector no run should have stored
-            hits.append(int(position))
-            vectors.append(vector)
-        matrix = np.vstack(vectors) if vectors else np.zeros((0, 0), dtype=np.float32)
-        return hits, matrix
+            shas, matrix, usable = decoded
+            at = positions[segment[positions] == number]
+            rows = row[at].astype(np.intp)
+            keep = np.array([rows[k] < len(shas) and shas[rows[k]] == chunks[p].content_sha256
+                             for k, p in enumerate(at.tolist())], dtype=bool)
+            keep[keep] &= usable[rows[keep]]
+            if keep.any():
+                taken.append(at[keep])
+                blocks.append(matrix[rows[keep]])
+        if not taken:
+            return [], empty
+        order = np.argsort(np.concatenate(taken), kind="stable")
+        return np.concatenate(taken)[order].tolist(), np.concatenate(blocks)[order]
 
-    def _row(self, segment: int, row: int) -> tuple[str, np.ndarray] | None:
+    def _segment(self, number: int) -> tuple[list[str], np.ndarray, np.ndarray] | None:
+        """A segment's shas, vectors and usable-row mask, decoded once and kept while recent."""
         with self._lock:
-            decoded = self._decoded.get(segment)
+            decoded = self._decoded.get(number)
             if decoded is not None:
-                self._decoded.move_to_end(segment)
-        if decoded is None:
-            table = read_segment(self._fs, self._segments[segment])
-            if table is None:
-                return None
-            column = table.column("embedding").combine_chunks()
-            matrix = column.flatten().to_numpy(zero_copy_only=False).reshape(
-                table.num_rows, column.type.list_size)
-            decoded = (table.column("content_sha256").to_pylist(), matrix)
-            with self._lock:
-                self._decoded[segment] = decoded
-                self._decoded_bytes += matrix.nbytes
-                while self._decoded_bytes > SEGMENT_CACHE_BYTES and len(self._decoded) > 1:
-                    _, (_, old) = self._decoded.popitem(last=False)
-                    self._decoded_bytes -= old.nbytes
-        shas, matrix = decoded
-        return (shas[row], matrix[row]) if row < len(shas) else None
+                self._decoded.move_to_end(number)
+                return decoded
+        table = read_segment(self._fs, self._segments[number])
+        if table is None:
+            return None
+        column = table.column("embedding").combine_chunks()
+        matrix = column.flatten().to_numpy(zero_copy_only=False).reshape(
+            table.num_rows, column.type.list_size)
+        usable = np.isfinite(matrix).all(axis=1) & matrix.any(axis=1)
+        decoded = (table.column("content_sha256").to_pylist(), matrix, usable)
+        with self._lock:
+            self._decoded[number] = decoded
+            self._decoded_bytes += matrix.nbytes
+            while self._decoded_bytes > SEGMENT_CACHE_BYTES and len(self._decoded) > 1:
+                _, (_, old, _) = self._decoded.popitem(last=False)
+                self._decoded_bytes -= old.nbytes
+        return decoded
 
     # -- writing -------------------------------------------------------------------------------
 
@@ -286,11 +303,6 @@ class CacheIndex:
             self._segments.append(path)
             self._keys.add(keys, np.full(len(keys), number, dtype=np.uint32),
                            np.arange(len(keys), dtype=np.uint32))
-
-
-def _usable(vector: np.ndarray) -> bool:
-    """A cached vector is served only if it is finite and not all zeros."""
-    return bool(np.isfinite(vector).all() and vector.any())
 
 
 # -- the per-process registry ------------------------------------------------------------------

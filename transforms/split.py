@@ -33,13 +33,22 @@ from collections.abc import Iterator
 import apache_beam as beam
 import numpy as np
 from apache_beam.pvalue import TaggedOutput
+from apache_beam.transforms.window import GlobalWindows
 
 from pipeline.config import SplitConfig
 from transforms.tokens import Tokenizer, get_tokenizer
-from transforms.types import SPLIT_FAILED, STAGE_SPLIT, Chunk, Document, Reject
+from transforms.types import (
+    FINGERPRINT_MODULUS,
+    SPLIT_FAILED,
+    STAGE_SPLIT,
+    Chunk,
+    Document,
+    Reject,
+)
 
 CHUNKS = "chunks"
 REJECTS = "rejects"
+TOTALS = "totals"  # (chunks made, checksum) per Beam bundle
 
 # Ranks of the boundaries found by _BREAK; a space, below them all, is looked for separately.
 _PARAGRAPH, _LINE, _SENTENCE = 3, 2, 1
@@ -65,6 +74,10 @@ _LAST_SPACE_AFTER_TEXT = re.compile(r"(?s:.*)(?<=\S)(?=\s)")  # Greedy: matches 
 # not split.
 _FIT_MARGIN_TOKENS = 8
 
+# English runs ~4 characters a token; a text with more than this many characters per token of
+# the budget almost never fits in one chunk.
+_FAST_PATH_CHARS_PER_TOKEN = 8
+
 
 def split_document(
     doc: Document, tokenizer: Tokenizer, max_tokens: int, overlap_tokens: int
@@ -88,14 +101,17 @@ def split_document(
             f"overlap_tokens must be in [0, max_tokens={max_tokens}), got {overlap_tokens}"
         )
     # Most documents fit in one chunk: one count (in Rust) decides it, where the splitter would
-    # tokenise the whole text into offsets first and then count the chunk again.
+    # tokenise the whole text into offsets first and then count the chunk again. Texts of more
+    # than _FAST_PATH_CHARS_PER_TOKEN characters a token of budget go straight to the splitter,
+    # so a long document is never counted whole for nothing.
     stripped = doc.text.strip()
     if not stripped:
         return []
-    n_tokens = tokenizer.count(stripped)
-    if n_tokens <= max_tokens:
-        start = len(doc.text) - len(doc.text.lstrip())
-        return [_make_chunk(doc, 0, start, start + len(stripped), n_tokens)]
+    if len(stripped) <= max_tokens * _FAST_PATH_CHARS_PER_TOKEN:
+        n_tokens = tokenizer.count(stripped)
+        if n_tokens <= max_tokens:
+            start = len(doc.text) - len(doc.text.lstrip())
+            return [_make_chunk(doc, 0, start, start + len(stripped), n_tokens)]
     spans = _Splitter(doc.text, tokenizer, max_tokens, overlap_tokens).spans()
     return [_make_chunk(doc, index, *span) for index, span in enumerate(spans)]
 
@@ -119,8 +135,8 @@ class SplitChunks(beam.PTransform):
             .with_input_types(Document)
             .with_output_types(Chunk, **{REJECTS: Reject})
         )
-        outputs = documents | "SplitDocuments" >> split.with_outputs(REJECTS, main=CHUNKS)
-        return {CHUNKS: outputs[CHUNKS], REJECTS: outputs[REJECTS]}
+        outputs = documents | "SplitDocuments" >> split.with_outputs(REJECTS, TOTALS, main=CHUNKS)
+        return {CHUNKS: outputs[CHUNKS], REJECTS: outputs[REJECTS], TOTALS: outputs[TOTALS]}
 
 
 class _SplitDocumentFn(beam.DoFn):
@@ -134,6 +150,16 @@ class _SplitDocumentFn(beam.DoFn):
 
     def setup(self) -> None:
         self._tokenizer = get_tokenizer(self._cfg.tokenizer)
+
+    def start_bundle(self) -> None:
+        self._made = 0
+        self._checksum = 0
+
+    def finish_bundle(self) -> Iterator[object]:
+        # The run's accounting (see transforms.manifest): counted here, where chunks are made,
+        # one element per Beam bundle, so counting costs nothing per chunk downstream.
+        yield TaggedOutput(TOTALS, GlobalWindows.windowed_value(
+            (self._made, self._checksum % FINGERPRINT_MODULUS)))
 
     def process(self, doc: Document) -> Iterator[Chunk | TaggedOutput]:
         try:
@@ -156,6 +182,8 @@ class _SplitDocumentFn(beam.DoFn):
             )
             return
         self._chunks.inc(len(chunks))
+        self._made += len(chunks)
+        self._checksum += sum(c.fingerprint for c in chunks)
         yield from chunks
 
 
