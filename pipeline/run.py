@@ -257,7 +257,7 @@ def execute(
         result = pipeline.run()
         result.wait_until_finish()
     except Exception as exc:
-        refused = re.search(r"AccountingError: (.*?)(?: \[while running|$)", str(exc), re.S)
+        refused = re.search(r"AccountingError: (.*?)(?: \[while running|$)", str(exc), re.DOTALL)
         if refused:  # the commit step found chunks missing: say so plainly, not as a crash dump
             log.error("embedpipe: %s (run %s)", refused.group(1).strip(), ctx.run_id)
         else:

@@ -164,7 +164,7 @@ def test_an_output_that_misses_chunks_is_never_committed(
     """The guard behind the fix: should any stage or runner lose vector rows (as Beam's runner
     did in multi_processing), the commit step refuses: exit 4, manifest still ``partial``, and
     the log says how many chunks are missing. Here the writer drops one request's vectors."""
-    import transforms.write as write
+    from transforms import write
 
     docs = [(f"doc-{n:04d}", sentence(n)) for n in range(200)]
     write_jsonl(tmp_path / "docs.jsonl", docs)
@@ -175,7 +175,7 @@ def test_an_output_that_misses_chunks_is_never_committed(
 
     import dataclasses
 
-    import pipeline.graph as graph
+    from pipeline import graph
 
     monkeypatch.setattr(graph, "VECTORS", dataclasses.replace(write.VECTORS, to_table=lossy))
     with EmbeddingServer(dim=16, model=MODEL) as server:

@@ -132,3 +132,19 @@ def test_bpe_handles_text_beyond_the_encoder_limits(text: str) -> None:
     assert offsets[-1] < len(text)
     # Segments are tokenized separately, so the estimate may differ from the exact count slightly.
     assert abs(tokenizer.count(text) - len(offsets)) <= len(text) // 10_000
+
+
+@pytest.mark.parametrize("name", ["cl100k_base", "o200k_base"])
+def test_batched_counts_equal_the_encoders_own(name: str) -> None:
+    """Counts come from toktok-rs (batched) and offsets from bpe-openai: the two must agree on
+    every kind of text, or the splitter's budget would be off."""
+    import bpe_openai
+
+    encoding = bpe_openai.get_encoding(name)
+    texts = ["", " ", "hello world", "naïve café — 北京是中华人民共和国的首都。", "🙂" * 30,
+             "x" * 5000, "a\n\n b\t\tc  ", "\ud800 lone surrogate", "<|endoftext|> is text",
+             "  ".join(f"word{i}" for i in range(3000)), "1234567890" * 300]
+    tokenizer = get_tokenizer(name)
+    expected = [len(encoding.encode_ordinary(t.replace("\ud800", "\ufffd"))) for t in texts]
+    assert tokenizer.count_many(texts) == expected
+    assert [tokenizer.count(t) for t in texts] == expected

@@ -151,11 +151,12 @@ def read_segment(fs: fsspec.AbstractFileSystem, path: str,
     listing and our read: that costs a hit (a request), never correctness.
     """
     try:
-        with fs.open(path, "rb") as handle:
-            if path.endswith(LEGACY_SUFFIX):
+        if path.endswith(LEGACY_SUFFIX):
+            with fs.open(path, "rb") as handle:
                 return pq.read_table(handle, columns=columns)
-            table = pa.ipc.open_file(handle).read_all()
-            return table.select(columns) if columns else table
+        # One read of the whole segment (one GET on an object store), parsed in place.
+        table = pa.ipc.open_file(pa.BufferReader(fs.cat_file(path))).read_all()
+        return table.select(columns) if columns else table
     except FileNotFoundError:
         return None
 
@@ -274,7 +275,10 @@ class CacheIndex:
         column = table.column("embedding").combine_chunks()
         matrix = column.flatten().to_numpy(zero_copy_only=False).reshape(
             table.num_rows, column.type.list_size)
-        usable = np.isfinite(matrix).all(axis=1) & matrix.any(axis=1)
+        # Finite and not all zeros, in one pass: a squared norm is NaN or inf if any value is
+        # (or if one is huge: such a vector is not served either), and 0 only for all zeros.
+        norms = np.einsum("ij,ij->i", matrix, matrix)
+        usable = np.isfinite(norms) & (norms > 0)
         decoded = (table.column("content_sha256").to_pylist(), matrix, usable)
         with self._lock:
             self._decoded[number] = decoded

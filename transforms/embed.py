@@ -35,7 +35,6 @@ from dataclasses import dataclass, field, replace
 import apache_beam as beam
 import httpx
 from apache_beam.metrics import Metrics
-from apache_beam.transforms.window import GlobalWindows
 
 from pipeline.config import ProviderConfig
 from transforms.bundle import BundleCaps, BundlePacker
@@ -50,6 +49,7 @@ from transforms.errors import (
     redact,
 )
 from transforms.limits import MONOTONIC, Clock, RateLimiter, RateLimits
+from transforms.outputs import in_global_window
 from transforms.progress import ProgressReporter
 from transforms.providers import get_provider_class
 from transforms.providers.base import EmbeddingResult, Provider
@@ -451,12 +451,7 @@ class EmbedChunksFn(beam.DoFn):
         if self._claimed:  # every claim is settled by the answer of the chunk that holds it
             raise AssertionError(f"{len(self._claimed)} chunks were left waiting for a vector")
         outputs.append(beam.pvalue.TaggedOutput(TAG_CACHE, self._counts.as_tuple()))
-        window = GlobalWindows.windowed_value
-        for output in outputs:
-            if isinstance(output, beam.pvalue.TaggedOutput):
-                yield beam.pvalue.TaggedOutput(output.tag, window(output.value))
-            else:
-                yield window(output)
+        yield from in_global_window(outputs)
 
     def teardown(self) -> None:
         if self._session is not None:

@@ -33,9 +33,9 @@ from collections.abc import Iterator
 import apache_beam as beam
 import numpy as np
 from apache_beam.pvalue import TaggedOutput
-from apache_beam.transforms.window import GlobalWindows
 
 from pipeline.config import SplitConfig
+from transforms.outputs import in_global_window
 from transforms.tokens import Tokenizer, get_tokenizer
 from transforms.types import (
     FINGERPRINT_MODULUS,
@@ -44,6 +44,7 @@ from transforms.types import (
     Chunk,
     Document,
     Reject,
+    fingerprint,
 )
 
 CHUNKS = "chunks"
@@ -80,7 +81,8 @@ _FAST_PATH_CHARS_PER_TOKEN = 8
 
 
 def split_document(
-    doc: Document, tokenizer: Tokenizer, max_tokens: int, overlap_tokens: int
+    doc: Document, tokenizer: Tokenizer, max_tokens: int, overlap_tokens: int,
+    *, whole_tokens: int | None = None,
 ) -> list[Chunk]:
     """Cut ``doc`` into chunks of at most ``max_tokens`` tokens, in document order.
 
@@ -89,6 +91,9 @@ def split_document(
     some chunk; no chunk starts or ends with whitespace; both ``char_start`` and ``char_end``
     strictly increase from one chunk to the next; a document that fits is one chunk (its text,
     stripped). The result depends only on the arguments. A blank document gives no chunks.
+
+    ``whole_tokens``, when given, is ``tokenizer.count(doc.text.strip())``, counted by the
+    caller in a batch with other documents.
 
     Raises:
         ValueError: ``max_tokens`` < 1 or ``overlap_tokens`` not in ``[0, max_tokens)``; or one
@@ -107,13 +112,22 @@ def split_document(
     stripped = doc.text.strip()
     if not stripped:
         return []
-    if len(stripped) <= max_tokens * _FAST_PATH_CHARS_PER_TOKEN:
-        n_tokens = tokenizer.count(stripped)
+    if whole_tokens is not None or fast_path(stripped, max_tokens):
+        n_tokens = tokenizer.count(stripped) if whole_tokens is None else whole_tokens
         if n_tokens <= max_tokens:
             start = len(doc.text) - len(doc.text.lstrip())
             return [_make_chunk(doc, 0, start, start + len(stripped), n_tokens)]
     spans = _Splitter(doc.text, tokenizer, max_tokens, overlap_tokens).spans()
     return [_make_chunk(doc, index, *span) for index, span in enumerate(spans)]
+
+
+def fast_path(stripped: str, max_tokens: int) -> bool:
+    """Whether a document is worth one count to see if it fits whole (see split_document)."""
+    return len(stripped) <= max_tokens * _FAST_PATH_CHARS_PER_TOKEN
+
+
+#: Documents counted in one batched call by the split DoFn.
+COUNT_BATCH = 256
 
 
 class SplitChunks(beam.PTransform):
@@ -152,45 +166,60 @@ class _SplitDocumentFn(beam.DoFn):
         self._tokenizer = get_tokenizer(self._cfg.tokenizer)
 
     def start_bundle(self) -> None:
+        self._batch: list[Document] = []
         self._made = 0
         self._checksum = 0
 
     def finish_bundle(self) -> Iterator[object]:
+        yield from in_global_window(self._split_batch())
         # The run's accounting (see transforms.manifest): counted here, where chunks are made,
         # one element per Beam bundle, so counting costs nothing per chunk downstream.
-        yield TaggedOutput(TOTALS, GlobalWindows.windowed_value(
-            (self._made, self._checksum % FINGERPRINT_MODULUS)))
+        yield from in_global_window(
+            [TaggedOutput(TOTALS, (self._made, self._checksum % FINGERPRINT_MODULUS))])
 
     def process(self, doc: Document) -> Iterator[Chunk | TaggedOutput]:
-        try:
-            chunks = split_document(
-                doc, self._tokenizer, self._cfg.max_tokens, self._cfg.overlap_tokens
-            )
-        except Exception as exc:  # noqa: BLE001
-            # Any failure, not only ValueError: one bad document must not fail (and endlessly
-            # retry) the bundle that holds it. The reject row says what went wrong.
-            yield TaggedOutput(
-                REJECTS,
-                Reject(
-                    id=doc.doc_id,
-                    doc_id=doc.doc_id,
-                    source=doc.source,
-                    stage=STAGE_SPLIT,
-                    reason=SPLIT_FAILED,
-                    detail=f"{type(exc).__name__}: {exc}",
-                ),
-            )
-            return
-        self._chunks.inc(len(chunks))
-        self._made += len(chunks)
-        self._checksum += sum(c.fingerprint for c in chunks)
-        yield from chunks
+        self._batch.append(doc)
+        if len(self._batch) >= COUNT_BATCH:
+            yield from self._split_batch()
+
+    def _split_batch(self) -> Iterator[Chunk | TaggedOutput]:
+        """Split the waiting documents, counting those that may fit whole in one call."""
+        docs, self._batch = self._batch, []
+        max_tokens = self._cfg.max_tokens
+        stripped = [d.text.strip() for d in docs]
+        candidates = [i for i, text in enumerate(stripped) if text and fast_path(text, max_tokens)]
+        counted = dict(zip(candidates, self._tokenizer.count_many([stripped[i] for i in candidates]),
+                           strict=True))
+        for i, doc in enumerate(docs):
+            try:
+                chunks = split_document(doc, self._tokenizer, max_tokens,
+                                        self._cfg.overlap_tokens, whole_tokens=counted.get(i))
+            except Exception as exc:  # noqa: BLE001
+                # Any failure, not only ValueError: one bad document must not fail (and endlessly
+                # retry) the bundle that holds it. The reject row says what went wrong.
+                yield TaggedOutput(
+                    REJECTS,
+                    Reject(
+                        id=doc.doc_id,
+                        doc_id=doc.doc_id,
+                        source=doc.source,
+                        stage=STAGE_SPLIT,
+                        reason=SPLIT_FAILED,
+                        detail=f"{type(exc).__name__}: {exc}",
+                    ),
+                )
+                continue
+            self._chunks.inc(len(chunks))
+            self._made += len(chunks)
+            self._checksum += sum(c.fingerprint for c in chunks)
+            yield from chunks
 
 
 def _make_chunk(doc: Document, index: int, start: int, end: int, n_tokens: int) -> Chunk:
     text = doc.text[start:end]
+    chunk_id = f"{doc.doc_id}#{index}"
     return Chunk(
-        chunk_id=f"{doc.doc_id}#{index}",
+        chunk_id=chunk_id,
         doc_id=doc.doc_id,
         chunk_index=index,
         char_start=start,
@@ -201,6 +230,7 @@ def _make_chunk(doc: Document, index: int, start: int, end: int, n_tokens: int) 
         text=text,
         source=doc.source,
         metadata=doc.metadata,
+        fingerprint=fingerprint(chunk_id, doc.source),
     )
 
 

@@ -24,7 +24,8 @@ import abc
 import functools
 import re
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -67,45 +68,67 @@ class Tokenizer(abc.ABC):
         and emoji) reports the start of that character, so offsets may repeat.
         """
 
+    def count_many(self, texts: Sequence[str]) -> list[int]:
+        """``[count(t) for t in texts]``, in one call where the backend can batch."""
+        return [self.count(t) for t in texts]
+
     def __reduce__(self) -> tuple[Callable[[str], Tokenizer], tuple[str]]:
         return (get_tokenizer, (self.name,))
 
 
 class BpeTokenizer(Tokenizer):
-    """An OpenAI byte-pair encoding (``cl100k_base``, ``o200k_base``) from the offline
-    ``bpe_openai`` package: exact counts for OpenAI embedding models, no network access."""
+    """An OpenAI byte-pair encoding (``cl100k_base``, ``o200k_base``), offline.
+
+    Two packages, each for what it does best: ``toktok-rs`` counts (exact, tiktoken-identical,
+    never builds the ids, and batches: ~0.8 µs a 60-word text against ~6 µs one at a time), and
+    ``bpe-openai`` encodes for the token offsets the splitter needs for texts longer than one
+    chunk. The second is loaded on first use: a corpus of short documents never pays its ~1 s and
+    ~100 MB.
+    """
 
     def __init__(self, name: str) -> None:
-        import bpe_openai  # Deferred: the package and a vocabulary take ~1 s and ~100 MB to load.
+        import toktok
 
         self.name = name
-        self._encoding = bpe_openai.get_encoding(name)
-        token_bytes = self._encoding.token_byte_values()
-        # Per token id: how many characters it starts (its non-continuation bytes), and whether it
-        # begins inside a character. Offsets then follow from a cumulative sum, in numpy.
-        self._chars_started = np.fromiter(
-            (len(b.translate(None, _UTF8_CONTINUATION_BYTES)) for b in token_bytes),
-            dtype=np.int64,
-            count=len(token_bytes),
-        )
-        self._starts_mid_char = np.fromiter(
-            (bool(b) and 0x80 <= b[0] < 0xC0 for b in token_bytes),
-            dtype=np.int64,
-            count=len(token_bytes),
-        )
+        self._toktok = toktok
+        self._lock = threading.Lock()
+        self._offset_tables: tuple[Any, np.ndarray, np.ndarray] | None = None
+        toktok.batch_count([""], name, threads=1)  # load (and check) the encoding now
 
     def count(self, text: str) -> int:
-        # The Rust backend counts without building a token list and has no length limit; the
-        # public encode_* calls have both.
-        return int(self._encoding._backend.count(_replace_surrogates(text)))
+        return int(self._toktok.batch_count([_replace_surrogates(text)], self.name, threads=1)[0])
+
+    def count_many(self, texts: Sequence[str]) -> list[int]:
+        # One thread: Beam runs a DoFn per core already, and batches here are small.
+        return list(self._toktok.batch_count([_replace_surrogates(t) for t in texts], self.name,
+                                             threads=1))
+
+    def _tables(self) -> tuple[Any, np.ndarray, np.ndarray]:
+        with self._lock:
+            if self._offset_tables is None:
+                import bpe_openai  # Deferred: ~1 s and ~100 MB, only for texts that are split.
+
+                encoding = bpe_openai.get_encoding(self.name)
+                token_bytes = encoding.token_byte_values()
+                # Per token id: how many characters it starts (its non-continuation bytes), and
+                # whether it begins inside a character. Offsets follow from a cumulative sum.
+                chars_started = np.fromiter(
+                    (len(b.translate(None, _UTF8_CONTINUATION_BYTES)) for b in token_bytes),
+                    dtype=np.int64, count=len(token_bytes))
+                starts_mid_char = np.fromiter(
+                    (bool(b) and 0x80 <= b[0] < 0xC0 for b in token_bytes),
+                    dtype=np.int64, count=len(token_bytes))
+                self._offset_tables = (encoding, chars_started, starts_mid_char)
+            return self._offset_tables
 
     def token_offsets(self, text: str) -> TokenOffsets:
+        encoding, chars_started, starts_mid_char = self._tables()
         text = _replace_surrogates(text)
         pieces = [np.zeros(0, dtype=np.int64)]
         for start, end in _segments(text):
-            ids = np.asarray(self._encoding.encode_ordinary(text[start:end]), dtype=np.int64)
-            chars = self._chars_started[ids]
-            pieces.append(start + np.cumsum(chars) - chars - self._starts_mid_char[ids])
+            ids = np.asarray(encoding.encode_ordinary(text[start:end]), dtype=np.int64)
+            chars = chars_started[ids]
+            pieces.append(start + np.cumsum(chars) - chars - starts_mid_char[ids])
         return np.concatenate(pieces)
 
 

@@ -155,11 +155,9 @@ class Chunk:
     text: str
     source: str
     metadata: Metadata = ()
-
-    @property
-    def fingerprint(self) -> int:
-        """This chunk's term in the run's accounting checksum (see :func:`fingerprint`)."""
-        return fingerprint(self.chunk_id, self.source)
+    #: ``fingerprint(chunk_id, source)``, computed once by the splitter and summed by the
+    #: writers: the chunk's term in the run's accounting checksum.
+    fingerprint: int = 0
 
 
 @dataclass(frozen=True, slots=True)

@@ -25,12 +25,13 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Iterable, Iterator, Sequence
+from typing import TypeVar
 
 import apache_beam as beam
 import numpy as np
-from apache_beam.transforms.window import GlobalWindows
 
 from pipeline.config import ValidateConfig
+from transforms.outputs import in_global_window
 from transforms.sorted_runs import SortedRuns
 from transforms.types import (
     DUPLICATE_ID,
@@ -102,9 +103,10 @@ def validate_record(record: RawRecord, max_document_bytes: int) -> Document | Re
                     position=record.position, metadata=record.metadata)
 
 
-def pick_winner(
-    versions: Iterable[Document] | Iterable[DocumentId],
-) -> tuple[Document | DocumentId, list[Reject]]:
+_Version = TypeVar("_Version", Document, DocumentId)
+
+
+def pick_winner(versions: Iterable[_Version]) -> tuple[_Version, list[Reject]]:
     """The earliest version of a document id, and a ``duplicate_id`` reject for every other."""
     ordered = sorted(versions, key=lambda d: (d.source_url, -1 if d.position is None
                                               else d.position))
@@ -208,12 +210,7 @@ class _ValidateFn(beam.DoFn):
             yield from self._admit()
 
     def finish_bundle(self) -> Iterator[object]:
-        window = GlobalWindows.windowed_value
-        for output in self._admit():
-            if isinstance(output, beam.pvalue.TaggedOutput):
-                yield beam.pvalue.TaggedOutput(output.tag, window(output.value))
-            else:
-                yield window(output)
+        yield from in_global_window(self._admit())
 
     def _admit(self) -> Iterator[object]:
         batch, self._batch = self._batch, []
