@@ -15,121 +15,30 @@ from __future__ import annotations
 
 import copy
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import ConfigDict, Field, ValidationError
 
 from transforms.errors import ConfigError
+from transforms.providers import get_provider_class
+from transforms.sections import (
+    CacheConfig,
+    InputConfig,
+    LimitsConfig,
+    OutputConfig,
+    ProviderConfig,
+    RetryConfig,
+    SplitConfig,
+    ValidateConfig,
+    _Section,
+)
 
-
-class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class InputConfig(_Section):
-    path: str | list[str]
-    format: Literal["auto", "jsonl", "parquet", "csv", "text"] = "auto"
-    id_field: str = "id"
-    text_field: str = "text"
-    metadata_fields: list[str] = Field(default_factory=list)
-    storage_options: dict[str, Any] = Field(default_factory=dict)
-    # Uncompressed JSONL and CSV files above this size are read in ranges of about this size by
-    # several workers (Parquet: groups of row groups); compressed files are read whole.
-    range_bytes: int = Field(64 * 1024 * 1024, gt=0)
-
-    @property
-    def paths(self) -> list[str]:
-        return [self.path] if isinstance(self.path, str) else list(self.path)
-
-    @field_validator("path")
-    @classmethod
-    def _non_empty(cls, v: str | list[str]) -> str | list[str]:
-        if (isinstance(v, str) and not v.strip()) or (isinstance(v, list) and not v):
-            raise ValueError("give at least one fsspec URL or glob")
-        return v
-
-
-class ValidateConfig(_Section):
-    max_document_bytes: int = Field(10_000_000, gt=0)
-
-
-class SplitConfig(_Section):
-    max_tokens: int = Field(512, gt=0)
-    overlap_tokens: int = Field(64, ge=0)
-    tokenizer: Literal["cl100k_base", "o200k_base", "chars"] = "cl100k_base"
-
-    @model_validator(mode="after")
-    def _overlap_below_max(self) -> SplitConfig:
-        if self.overlap_tokens >= self.max_tokens:
-            raise ValueError(
-                f"overlap_tokens ({self.overlap_tokens}) must be smaller than max_tokens "
-                f"({self.max_tokens})"
-            )
-        return self
-
-
-class ProviderConfig(_Section):
-    kind: str = "openai"
-    base_url: str = "https://api.openai.com/v1"
-    model: str = "text-embedding-3-small"
-    api_key_env: str | None = "OPENAI_API_KEY"
-    dimensions: int | None = Field(None, gt=0)
-    normalize: bool = False
-    encoding_format: Literal["base64", "float"] = "base64"
-    timeout_s: float = Field(60, gt=0)
-    max_inputs_per_request: int = Field(256, gt=0)
-    max_tokens_per_request: int = Field(100_000, gt=0)
-    max_bytes_per_request: int = Field(4_000_000, gt=0)
-    max_input_tokens: int | None = Field(None, gt=0)
-    # OpenAI-compatible variants (Azure: auth_header api-key, api_version; see README).
-    auth_header: str = "Authorization"
-    auth_scheme: str | None = "Bearer"
-    api_version: str | None = None
-    extra_headers: dict[str, str] = Field(default_factory=dict)
-    send_dimensions: bool = True
-    # Envelope API.
-    parameters: dict[str, Any] = Field(default_factory=dict)
-    poll_path: str = "/api/v1/embeddings/{id}"
-    poll_timeout_s: float = Field(300, gt=0)
-    # Cost estimate for `embedpipe plan`.
-    price_per_million_tokens: float | None = Field(None, ge=0)
-    # One tiny request before the pipeline starts, so a bad key or model fails in seconds.
-    preflight: bool = True
-
-    @field_validator("base_url")
-    @classmethod
-    def _strip_slash(cls, v: str) -> str:
-        if not v.startswith(("http://", "https://")):
-            raise ValueError(f"must be an http(s) URL, got {v!r}")
-        return v.rstrip("/")
-
-
-class LimitsConfig(_Section):
-    requests_per_minute: float = Field(3000, gt=0)
-    tokens_per_minute: float = Field(1_000_000, gt=0)
-    max_concurrency: int = Field(16, gt=0)
-    # Worker processes sharing the budget: "auto" derives it from the Beam options.
-    workers: int | Literal["auto"] = "auto"
-
-
-class RetryConfig(_Section):
-    max_attempts: int = Field(8, gt=0)
-    max_wait_s: float = Field(120, gt=0)
-    initial_wait_s: float = Field(1.0, gt=0)
-
-
-class OutputConfig(_Section):
-    path: str = "./out/run"
-    include_text: bool = False
-    rows_per_file: int = Field(100_000, gt=0)
-    storage_options: dict[str, Any] = Field(default_factory=dict)
-    overwrite: bool = False
-
-
-class CacheConfig(_Section):
-    enabled: bool = True
-    path: str | None = None
+__all__ = [
+    "CacheConfig", "Config", "InputConfig", "LimitsConfig", "OutputConfig", "ProviderConfig",
+    "RetryConfig", "SplitConfig", "ValidateConfig", "apply_overrides", "load_config",
+    "parse_config",
+]
 
 
 class Config(_Section):
@@ -201,8 +110,6 @@ def parse_config(data: dict[str, Any], *, source: str = "config") -> Config:
 
 
 def _check_cross_rules(cfg: Config) -> None:
-    from transforms.providers import get_provider_class
-
     provider_cls = get_provider_class(cfg.provider.kind)
     provider_cls.check_config(cfg.provider)
     limit = cfg.provider.max_input_tokens or provider_cls.default_max_input_tokens

@@ -17,16 +17,19 @@ written, counts and checksums (combined where they are made), and the ids of the
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urlsplit
 
 import apache_beam as beam
 from apache_beam.pvalue import AsList, AsSingleton
 
 from pipeline.config import Config
 from transforms.bundle import BundleCaps
-from transforms.cache import CacheSpec, cache_spec
+from transforms.cache import CacheSpec, default_cache_root
 from transforms.embed import EmbedChunks, EmbedSettings
 from transforms.limits import RateLimits
 from transforms.manifest import CommitManifestFn, RunInfo
@@ -47,6 +50,32 @@ class RunContext:
     workers: int  # worker processes sharing the rate budget
     progress_interval_s: float | None = 5.0  # None: no progress lines
     extra_files: tuple[WrittenFile, ...] = ()  # committed by the launcher (the preflight's usage)
+
+
+def namespace_key(cfg: Config) -> dict[str, Any]:
+    """What a cached vector depends on besides its text.
+
+    The whole endpoint, not only its host: two Azure deployments, or a gateway routing paths to
+    different models, share a host but not their vectors. ``parameters`` (envelope APIs) can
+    change the vectors too.
+    """
+    p = cfg.provider
+    endpoint = urlsplit(p.base_url)
+    return {"kind": p.kind, "endpoint": f"{endpoint.netloc}{endpoint.path}".rstrip("/"),
+            "model": p.model, "dimensions": p.dimensions, "normalize": p.normalize,
+            "parameters": p.parameters}
+
+
+def cache_spec(cfg: Config, run_id: str) -> CacheSpec | None:
+    """The namespace of this config, or None with ``cache.enabled: false``."""
+    if not cfg.cache.enabled:
+        return None
+    key = namespace_key(cfg)
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+    root = (cfg.cache.path or default_cache_root(cfg.output.path)).rstrip("/")
+    return CacheSpec(url=f"{root}/{digest}", storage_options=tuple(
+        sorted(cfg.output.storage_options.items())), run_id=run_id, model=cfg.provider.model,
+        key=json.dumps(key, sort_keys=True))
 
 
 def output_spec(cfg: Config, ctx: RunContext) -> OutputSpec:

@@ -33,10 +33,11 @@ import numpy as np
 import pytest
 
 from pipeline.config import Config, parse_config
+from pipeline.graph import cache_spec
 from pipeline.local_server import EmbeddingServer, HashingEmbedder, Reply
 from pipeline.run import PREFLIGHT_TEXT, RunRequest, execute
 from tests.harness import MODEL, expected_chunks, make_config, read_output
-from transforms.cache import cache_spec, read_segment
+from transforms.cache import read_segment
 from transforms.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]

@@ -32,8 +32,6 @@ a text cached twice is harmless (the index keeps one location).
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import posixpath
 import threading
@@ -43,14 +41,12 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import urlsplit
 
 import fsspec
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.config import Config
 from transforms.sorted_runs import SortedRuns
 from transforms.types import Chunk, EmbeddedBatch
 
@@ -82,36 +78,10 @@ class CacheSpec:
         return fs, root.rstrip("/")
 
 
-def namespace_key(cfg: Config) -> dict[str, Any]:
-    """What a cached vector depends on besides its text.
-
-    The whole endpoint, not only its host: two Azure deployments, or a gateway routing paths to
-    different models, share a host but not their vectors. ``parameters`` (envelope APIs) can
-    change the vectors too.
-    """
-    p = cfg.provider
-    endpoint = urlsplit(p.base_url)
-    return {"kind": p.kind, "endpoint": f"{endpoint.netloc}{endpoint.path}".rstrip("/"),
-            "model": p.model, "dimensions": p.dimensions, "normalize": p.normalize,
-            "parameters": p.parameters}
-
-
 def default_cache_root(output_path: str) -> str:
     """Beside the output: ``.../runs/2026-11-22`` → ``.../runs/.embedpipe-cache``."""
     parent = posixpath.dirname(output_path.rstrip("/")) or "."
     return f"{parent}/.embedpipe-cache"
-
-
-def cache_spec(cfg: Config, run_id: str) -> CacheSpec | None:
-    """The namespace of this config, or None with ``cache.enabled: false``."""
-    if not cfg.cache.enabled:
-        return None
-    key = namespace_key(cfg)
-    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
-    root = (cfg.cache.path or default_cache_root(cfg.output.path)).rstrip("/")
-    return CacheSpec(url=f"{root}/{digest}", storage_options=tuple(
-        sorted(cfg.output.storage_options.items())), run_id=run_id, model=cfg.provider.model,
-        key=json.dumps(key, sort_keys=True))
 
 
 # -- keys --------------------------------------------------------------------------------------

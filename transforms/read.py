@@ -62,8 +62,8 @@ from apache_beam.pvalue import PBegin, PCollection, TaggedOutput
 from fsspec.core import OpenFile, has_magic, url_to_fs
 from fsspec.spec import AbstractFileSystem
 
-from pipeline.config import InputConfig
 from transforms.errors import InputError, redact
+from transforms.sections import InputConfig
 from transforms.types import (
     INVALID_UTF8,
     MALFORMED_RECORD,

@@ -4,12 +4,17 @@ The cache index (one entry per cached vector) and the duplicate-id filter (one p
 must answer membership for millions of keys at a few bytes each and in vectorised batches; a
 Python dict costs ~100 bytes an entry and a call per key. Runs are appended sorted and merged
 when two neighbours are of a size (the log-structured layout), so appends stay cheap and a
-lookup touches O(log n) runs.
+lookup touches O(log n) runs, up to :data:`FROZEN_RUN` entries a run.
 """
 
 from __future__ import annotations
 
 import numpy as np
+
+#: A run this long is never merged again: merging copies both runs (and sorts them), and at a
+#: million entries that transient copy was most of the index's memory. Lookups then touch one
+#: run per half-million entries plus O(log n) small ones.
+FROZEN_RUN = 1 << 19
 
 
 class SortedRuns:
@@ -29,7 +34,8 @@ class SortedRuns:
             return
         order = np.argsort(keys, kind="stable")
         self._runs.append(tuple(column[order] for column in (keys, *payload)))
-        while len(self._runs) > 1 and len(self._runs[-2][0]) <= 2 * len(self._runs[-1][0]):
+        while (len(self._runs) > 1 and len(self._runs[-2][0]) <= 2 * len(self._runs[-1][0])
+               and len(self._runs[-2][0]) < FROZEN_RUN):
             newer, older = self._runs.pop(), self._runs.pop()
             merged = [np.concatenate((o, n)) for o, n in zip(older, newer, strict=True)]
             order = np.argsort(merged[0], kind="stable")

@@ -28,14 +28,15 @@ from __future__ import annotations
 
 import hashlib
 import re
+import typing
 from collections.abc import Iterator
 
 import apache_beam as beam
 import numpy as np
 from apache_beam.pvalue import TaggedOutput
 
-from pipeline.config import SplitConfig
 from transforms.outputs import in_global_window
+from transforms.sections import SplitConfig
 from transforms.tokens import Tokenizer, get_tokenizer
 from transforms.types import (
     FINGERPRINT_MODULUS,
@@ -147,7 +148,7 @@ class SplitChunks(beam.PTransform):
         split = (
             beam.ParDo(_SplitDocumentFn(self._cfg))
             .with_input_types(Document)
-            .with_output_types(Chunk, **{REJECTS: Reject})
+            .with_output_types(Chunk, **{REJECTS: Reject, TOTALS: typing.Any})
         )
         outputs = documents | "SplitDocuments" >> split.with_outputs(REJECTS, TOTALS, main=CHUNKS)
         return {CHUNKS: outputs[CHUNKS], REJECTS: outputs[REJECTS], TOTALS: outputs[TOTALS]}

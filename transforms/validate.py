@@ -30,8 +30,8 @@ from typing import TypeVar
 import apache_beam as beam
 import numpy as np
 
-from pipeline.config import ValidateConfig
 from transforms.outputs import in_global_window
+from transforms.sections import ValidateConfig
 from transforms.sorted_runs import SortedRuns
 from transforms.types import (
     DUPLICATE_ID,

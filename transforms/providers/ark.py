@@ -30,7 +30,6 @@ from dataclasses import dataclass
 import httpx
 import numpy as np
 
-from pipeline.config import ProviderConfig
 from transforms.errors import (
     ConfigError,
     FatalProviderError,
@@ -49,6 +48,7 @@ from transforms.providers.base import (
     retry_after_seconds,
 )
 from transforms.providers.openai import OpenAIProvider
+from transforms.sections import ProviderConfig
 
 #: Sizes ``provider.dimensions`` may take for the models whose reductions Ark documents (the
 #: native size included). Other model ids and every endpoint id accept any size.

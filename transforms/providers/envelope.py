@@ -59,7 +59,6 @@ from urllib.parse import quote
 
 import httpx
 
-from pipeline.config import ProviderConfig
 from transforms.errors import ConfigError, MalformedResponseError, ProviderError, RetryableError
 from transforms.limits import MONOTONIC, Clock
 from transforms.providers.base import (
@@ -76,6 +75,7 @@ from transforms.providers.base import (
     retry_after_seconds,
     usage_tokens,
 )
+from transforms.sections import ProviderConfig
 
 #: ``data.status`` values of a job that is still being worked on.
 QUEUED_STATES = frozenset({"PENDING", "RUNNING", "PROCESSING"})
