@@ -23,6 +23,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 
 import fsspec
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
@@ -53,26 +54,33 @@ def _read(fs: fsspec.AbstractFileSystem, path: str, columns: list[str] | None = 
 
 
 def find_duplicates(fs: fsspec.AbstractFileSystem, id_files: Sequence[str]) -> Duplicates:
-    """Group the run's document ids; every version but the earliest of an id loses."""
+    """Group the run's document ids; every version but the earliest of an id loses.
+
+    Two passes over the ids files: the 64-bit ``key`` column alone (8 bytes a document, sorted
+    in numpy) finds the keys seen more than once; then the ids and sources of those rows alone
+    are read and grouped by the id itself, so a hash collision only costs a look.
+    """
     if not id_files:
         return NO_DUPLICATES
-    ids = pa.chunked_array([_read(fs, p, ["doc_id"]).column("doc_id").combine_chunks()
-                            for p in id_files], pa.string())
-    counts = pc.value_counts(ids)
-    repeated = pc.filter(counts.field("values"), pc.greater(counts.field("counts"), 1))
-    del ids, counts
+    keys = np.concatenate([_read(fs, p, ["key"]).column("key").to_numpy()
+                           for p in id_files] or [np.zeros(0, np.uint64)])
+    keys.sort()
+    repeated = np.unique(keys[1:][keys[1:] == keys[:-1]])
+    del keys
     if not len(repeated):
         return NO_DUPLICATES
     versions: dict[str, list[DocumentId]] = {}
     for path in id_files:
         table = _read(fs, path)
-        table = table.filter(pc.is_in(table.column("doc_id"), value_set=repeated))
+        table = table.filter(pa.array(np.isin(table.column("key").to_numpy(), repeated)))
         for row in table.to_pylist():
             versions.setdefault(row["doc_id"], []).append(
-                DocumentId(row["doc_id"], row["source_url"], row["position"]))
+                DocumentId(row["doc_id"], row["source_url"], row["position"], row["key"]))
     losers: set[tuple[str, str]] = set()
     rejects: list[Reject] = []
     for doc_id in sorted(versions):
+        if len(versions[doc_id]) < 2:
+            continue  # another id with the same key
         _, lost = pick_winner(versions[doc_id])
         rejects.extend(lost)
         losers.update((r.doc_id or "", r.source) for r in lost)

@@ -425,7 +425,7 @@ def _malloc_trim() -> Any:
 _MALLOC_TRIM = _malloc_trim()
 
 #: Chunks looked up in the cache at once: one vectorised probe of the index per group.
-LOOKUP_GROUP = 512
+LOOKUP_GROUP = 2048
 
 
 @dataclass

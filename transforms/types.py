@@ -135,6 +135,9 @@ class DocumentId:
     doc_id: str
     source_url: str
     position: int | None
+    #: 64 bits of a hash of ``doc_id``: the commit step groups these (8 bytes a document) and
+    #: reads ids only where a key repeats. 0 when unknown (the commit step then hashes).
+    key: int = 0
 
     @property
     def source(self) -> str:

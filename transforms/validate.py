@@ -119,6 +119,11 @@ def pick_winner(versions: Iterable[_Version]) -> tuple[_Version, list[Reject]]:
     return winner, rejects
 
 
+def id_key(doc_id: str) -> int:
+    """The first half of :func:`_id_hashes` for one id (the ``DocumentId.key``)."""
+    return int(_id_hashes([doc_id])[0][0])
+
+
 def _id_hashes(doc_ids: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
     """Two independent 64-bit halves of a 128-bit hash of each id (collisions: ~n²/2**129)."""
     digests = b"".join(hashlib.blake2b(i.encode("utf-8", "surrogatepass"), digest_size=16)
@@ -138,11 +143,13 @@ class SeenIds:
 
     def __init__(self) -> None:
         self._runs = SortedRuns()
+        self.last_keys = np.zeros(0, dtype=np.uint64)  # the id hashes of the last batch
         self._urls: list[str] = []
         self._url_numbers: dict[str, int] = {}
 
     def admit(self, docs: Sequence[Document]) -> list[Document | Reject]:
         if not docs:
+            self.last_keys = np.zeros(0, dtype=np.uint64)
             return []
         high, low = _id_hashes([d.doc_id for d in docs])
         found, seen_low, seen_url, seen_position = (
@@ -167,6 +174,7 @@ class SeenIds:
             if twin is None or doc.sort_key < twin.sort_key:
                 first_in_batch[(int(high[i]), int(low[i]))] = doc
             out.append(doc)
+        self.last_keys = high  # read by the DoFn for the ids it writes
         admitted = [i for i, item in enumerate(out) if isinstance(item, Document)]
         self._runs.add(high[admitted], low[admitted],
                        np.array([self._url_number(docs[i].source_url) for i in admitted],
@@ -214,13 +222,15 @@ class _ValidateFn(beam.DoFn):
 
     def _admit(self) -> Iterator[object]:
         batch, self._batch = self._batch, []
-        for item in self._seen.admit(batch):
+        admitted = self._seen.admit(batch)
+        keys = self._seen.last_keys
+        for i, item in enumerate(admitted):
             if isinstance(item, Reject):
                 yield beam.pvalue.TaggedOutput(TAG_REJECTS, item)
             else:
                 yield item
-                yield beam.pvalue.TaggedOutput(
-                    TAG_IDS, DocumentId(item.doc_id, item.source_url, item.position))
+                yield beam.pvalue.TaggedOutput(TAG_IDS, DocumentId(
+                    item.doc_id, item.source_url, item.position, int(keys[i])))
 
 
 class ValidateDocuments(beam.PTransform):

@@ -53,6 +53,7 @@ KIND_REJECTS = "rejects"
 KIND_IDS = "ids"  # document ids and sources, for the commit step; never part of the output
 
 IDS_SCHEMA = pa.schema([
+    ("key", pa.uint64()),
     ("doc_id", pa.string()),
     ("source_url", pa.string()),
     ("position", pa.int64()),
@@ -150,6 +151,7 @@ def metadata_array(values: list[Any]) -> pa.Array:
 
 def ids_table(ids: Sequence[DocumentId], spec: OutputSpec) -> pa.Table:
     return pa.table({
+        "key": pa.array(np.fromiter((i.key for i in ids), dtype=np.uint64, count=len(ids))),
         "doc_id": pa.array([i.doc_id for i in ids], pa.string()),
         "source_url": pa.array([i.source_url for i in ids], pa.string()),
         "position": pa.array([i.position for i in ids], pa.int64()),
