@@ -122,3 +122,24 @@ def test_parquet_files_of_earlier_versions_are_still_read(tmp_path: Path) -> Non
     hits, got = CacheIndex(spec(tmp_path)).lookup([chunk("old two"), chunk("new")])
     assert hits == [0]
     np.testing.assert_array_equal(got, vectors_for(texts)[1:])
+
+
+def test_the_index_reads_keys_files_and_falls_back_to_the_segments(tmp_path: Path) -> None:
+    """Keys files make the index cheap to build; without one (older caches, a lost file) the
+    segment's own column serves; a keys file whose segment never landed is ignored."""
+    texts = [f"text {i}" for i in range(300)]
+    index = CacheIndex(spec(tmp_path))
+    vectors = vectors_for(texts)
+    for start in (0, 150):
+        part = tuple(chunk(t, start + i) for i, t in enumerate(texts[start:start + 150]))
+        index.write([EmbeddedBatch(part, "m", vectors[start:start + 150])])
+    folder = tmp_path / "ns"
+    keys = sorted(folder.glob("seg-*.arrow.keys"))
+    assert len(keys) == 2 and all(k.stat().st_size == 150 * 8 for k in keys)
+    keys[0].unlink()
+    (folder / "seg-run-x-000000000000.arrow.keys").write_bytes(b"\x01" * 80)  # no segment
+    rebuilt = CacheIndex(spec(tmp_path, "run-b"))
+    assert len(rebuilt) == 300
+    hits, got = rebuilt.lookup([chunk(t, i) for i, t in enumerate(texts)])
+    assert hits == list(range(300))
+    np.testing.assert_array_equal(got, vectors)

@@ -224,17 +224,19 @@ class _ValidateFn(beam.DoFn):
         batch, self._batch = self._batch, []
         admitted = self._seen.admit(batch)
         keys = self._seen.last_keys
+        ids: list[DocumentId] = []
         for i, item in enumerate(admitted):
             if isinstance(item, Reject):
                 yield beam.pvalue.TaggedOutput(TAG_REJECTS, item)
             else:
                 yield item
-                yield beam.pvalue.TaggedOutput(TAG_IDS, DocumentId(
-                    item.doc_id, item.source_url, item.position, int(keys[i])))
+                ids.append(DocumentId(item.doc_id, item.source_url, item.position, int(keys[i])))
+        if ids:  # one element per batch: a document's id costs no Beam element of its own
+            yield beam.pvalue.TaggedOutput(TAG_IDS, tuple(ids))
 
 
 class ValidateDocuments(beam.PTransform):
-    """``RawRecord`` → ``{"documents": Document, "rejects": Reject, "ids": DocumentId}``.
+    """``RawRecord`` → ``{"documents": Document, "rejects": Reject, "ids": tuple[DocumentId]}``.
 
     Documents may share an id here; see the module docstring for where that is settled.
     """

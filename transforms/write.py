@@ -149,7 +149,9 @@ def metadata_array(values: list[Any]) -> pa.Array:
     return arr.cast(pa.string()) if pa.types.is_null(arr.type) else arr
 
 
-def ids_table(ids: Sequence[DocumentId], spec: OutputSpec) -> pa.Table:
+def ids_table(batches: Sequence[tuple[DocumentId, ...]], spec: OutputSpec) -> pa.Table:
+    """Document ids arrive in batches (tuples), as the validate stage emits them."""
+    ids = [i for batch in batches for i in batch]
     return pa.table({
         "key": pa.array(np.fromiter((i.key for i in ids), dtype=np.uint64, count=len(ids))),
         "doc_id": pa.array([i.doc_id for i in ids], pa.string()),
@@ -247,7 +249,7 @@ class ShardKind:
 VECTORS = ShardKind(KIND_VECTORS, vectors_table, len, vectors_stats, _vector_bytes)
 REJECTS = ShardKind(KIND_REJECTS, rejects_table, _one, rejects_stats)
 USAGE = ShardKind(KIND_USAGE, usage_table, _one, usage_stats)
-IDS = ShardKind(KIND_IDS, ids_table, _one, ids_stats, temporary=True)
+IDS = ShardKind(KIND_IDS, ids_table, len, ids_stats, temporary=True)
 
 
 def parquet_options(schema: pa.Schema) -> dict[str, Any]:
