@@ -178,6 +178,13 @@ class CacheIndex:
     def __len__(self) -> int:
         return len(self._keys)
 
+    def close(self) -> None:
+        """Stop reading ahead and drop the decoded segments."""
+        self._prefetcher.shutdown(wait=True)
+        with self._lock:
+            self._decoded.clear()
+            self._decoded_bytes = 0
+
     def _load(self) -> None:
         """Index every segment present now from its keys file (its key column where it has none).
 
@@ -345,11 +352,8 @@ def open_cache(spec: CacheSpec) -> CacheIndex:
 
 
 def close_cache(spec: CacheSpec) -> None:
+    """Forget this process's index of ``spec`` (when the run's embed session closes)."""
     with _INDEXES_LOCK:
-        _INDEXES.pop((spec.url, spec.run_id), None)
-
-
-def list_run_segments(spec: CacheSpec) -> list[str]:
-    """The segments this run wrote (for the commit step's accounting)."""
-    fs, root = spec.filesystem()
-    return sorted(fs.glob(f"{root}/{SEGMENT_PREFIX}{spec.run_id}-*{SEGMENT_SUFFIX}"))
+        index = _INDEXES.pop((spec.url, spec.run_id), None)
+    if index is not None:
+        index.close()

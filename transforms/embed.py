@@ -39,7 +39,7 @@ import httpx
 from apache_beam.metrics import Metrics
 
 from transforms.bundle import BundleCaps, BundlePacker
-from transforms.cache import CacheIndex, CacheSpec, open_cache
+from transforms.cache import CacheIndex, CacheSpec, close_cache, open_cache
 from transforms.errors import (
     FatalProviderError,
     InputRejectedError,
@@ -152,6 +152,8 @@ class EmbedSession:
     def close(self) -> None:
         self._executor.shutdown(wait=True)
         self._client.close()
+        if self.cache is not None and self.settings.cache is not None:
+            close_cache(self.settings.cache)
         if self._progress is not None:
             self._progress.close()
 
