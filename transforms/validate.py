@@ -154,6 +154,15 @@ class SeenIds:
         high, low = _id_hashes([d.doc_id for d in docs])
         found, seen_low, seen_url, seen_position = (
             self._runs.find(high) if len(self._runs) else (np.zeros(len(docs), bool),) * 4)
+        self.last_keys = high  # read by the DoFn for the ids it writes
+        if not found.any() and len(np.unique(high)) == len(docs):
+            # The usual batch: no id seen before, none twice. No per-document Python.
+            urls = [d.source_url for d in docs]
+            numbers = ([self._url_number(urls[0])] * len(docs) if urls.count(urls[0]) == len(urls)
+                       else [self._url_number(u) for u in urls])
+            self._runs.add(high, low, np.array(numbers, dtype=np.uint32),
+                           np.array([_order(d)[1] for d in docs], dtype=np.int64))
+            return list(docs)
         out: list[Document | Reject] = []
         first_in_batch: dict[tuple[int, int], Document] = {}
         for i, doc in enumerate(docs):
@@ -174,7 +183,6 @@ class SeenIds:
             if twin is None or doc.sort_key < twin.sort_key:
                 first_in_batch[(int(high[i]), int(low[i]))] = doc
             out.append(doc)
-        self.last_keys = high  # read by the DoFn for the ids it writes
         admitted = [i for i, item in enumerate(out) if isinstance(item, Document)]
         self._runs.add(high[admitted], low[admitted],
                        np.array([self._url_number(docs[i].source_url) for i in admitted],
