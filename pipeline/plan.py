@@ -71,7 +71,7 @@ def build_plan_pipeline(p: beam.Pipeline, cfg: Config, summary_path: str) -> Non
     # its commit; here the losers are found first (from ids alone) and left out of the figures.
     losers = (
         valid["ids"]
-        | "KeyIds" >> beam.FlatMap(lambda ids: [(i.doc_id, i) for i in ids])
+        | "KeyIds" >> beam.FlatMap(lambda batch: [(i.doc_id, i) for i in batch.ids])
         | "GroupIds" >> beam.GroupByKey()
         | "Losers" >> beam.FlatMap(lambda kv: [(r.doc_id, r.source)
                                                for r in pick_winner(kv[1])[1]])

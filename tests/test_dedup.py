@@ -19,6 +19,7 @@ from transforms.types import (
     Chunk,
     Document,
     DocumentId,
+    DocumentIds,
     EmbeddedBatch,
     Reject,
     WrittenFile,
@@ -96,8 +97,8 @@ def test_commit_finds_every_loser_across_files_and_rewrites_only_their_files(
     versions = [DocumentId(d, f, n, id_key(d)) for d, f, n in [
         ("a", "f2.jsonl", 4), ("a", "f1.jsonl", 8), ("b", "f1.jsonl", 1), ("a", "f3.jsonl", 1),
         ("c", "f3.jsonl", 2)]]
-    id_files = [write_rows(IDS, [tuple(versions[:2])], s, name="ids-1.parquet").path,
-                write_rows(IDS, [tuple(versions[2:])], s, name="ids-2.parquet").path]
+    id_files = [write_rows(IDS, [DocumentIds(tuple(versions[:2]))], s, name="ids-1.parquet").path,
+                write_rows(IDS, [DocumentIds(tuple(versions[2:]))], s, name="ids-2.parquet").path]
     duplicates = find_duplicates(fs, id_files)
     assert duplicates.losers == {("a", "f2.jsonl:4"), ("a", "f3.jsonl:1")}
     assert sorted(r.source for r in duplicates.rejects) == ["f2.jsonl:4", "f3.jsonl:1"]
@@ -133,16 +134,18 @@ def test_commit_finds_every_loser_across_files_and_rewrites_only_their_files(
 
 def test_no_duplicates_reads_only_the_id_column(tmp_path: Path) -> None:
     s = spec(tmp_path)
-    path = write_rows(IDS, [tuple(DocumentId(str(i), "f", i, id_key(str(i)))
-                                  for i in range(1000))], s, name="ids.parquet").path
+    path = write_rows(IDS, [DocumentIds(tuple(DocumentId(str(i), "f", i, id_key(str(i)))
+                                              for i in range(1000)))], s,
+                      name="ids.parquet").path
     assert not find_duplicates(fsspec.filesystem("file"), [path]).losers
 
 
 def test_ids_that_share_a_key_are_told_apart_by_the_id(tmp_path: Path) -> None:
     """A 64-bit collision between two different ids is no duplicate."""
     s = spec(tmp_path)
-    path = write_rows(IDS, [(DocumentId("x", "f", 1, 7), DocumentId("y", "f", 2, 7),
-                             DocumentId("y", "g", 1, 7))], s, name="ids.parquet").path
+    path = write_rows(IDS, [DocumentIds((DocumentId("x", "f", 1, 7), DocumentId("y", "f", 2, 7),
+                                         DocumentId("y", "g", 1, 7)))], s,
+                      name="ids.parquet").path
     found = find_duplicates(fsspec.filesystem("file"), [path])
     assert found.losers == {("y", "g:1")}
 

@@ -28,6 +28,7 @@ import os
 import socket
 import threading
 import time
+import typing
 from collections import deque
 from collections.abc import Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
@@ -587,6 +588,9 @@ class EmbedChunks(beam.PTransform):
     def expand(self, chunks: beam.PCollection) -> dict[str, beam.PCollection]:
         results = chunks | "CallProvider" >> beam.ParDo(
             EmbedChunksFn(self.settings, self.caps)
+        ).with_output_types(
+            EmbeddedBatch, **{TAG_REJECTS: Reject, TAG_USAGE: UsageRecord, TAG_FATAL: str,
+                              TAG_CACHE: typing.Any}
         ).with_outputs(TAG_REJECTS, TAG_USAGE, TAG_FATAL, TAG_CACHE, main="vectors")
         return {
             "vectors": results.vectors,

@@ -145,6 +145,16 @@ class DocumentId:
 
 
 @dataclass(frozen=True, slots=True)
+class DocumentIds:
+    """The ids one validate batch let through, as one element (one Beam element per batch)."""
+
+    ids: tuple[DocumentId, ...]
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+
+@dataclass(frozen=True, slots=True)
 class Chunk:
     """A token-bounded slice of a document: ``document.text[char_start:char_end] == text``."""
 

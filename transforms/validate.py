@@ -43,6 +43,7 @@ from transforms.types import (
     TOO_LARGE,
     Document,
     DocumentId,
+    DocumentIds,
     RawRecord,
     Reject,
     format_source,
@@ -240,11 +241,11 @@ class _ValidateFn(beam.DoFn):
                 yield item
                 ids.append(DocumentId(item.doc_id, item.source_url, item.position, int(keys[i])))
         if ids:  # one element per batch: a document's id costs no Beam element of its own
-            yield beam.pvalue.TaggedOutput(TAG_IDS, tuple(ids))
+            yield beam.pvalue.TaggedOutput(TAG_IDS, DocumentIds(tuple(ids)))
 
 
 class ValidateDocuments(beam.PTransform):
-    """``RawRecord`` → ``{"documents": Document, "rejects": Reject, "ids": tuple[DocumentId]}``.
+    """``RawRecord`` → ``{"documents": Document, "rejects": Reject, "ids": DocumentIds}``.
 
     Documents may share an id here; see the module docstring for where that is settled.
     """
@@ -256,6 +257,8 @@ class ValidateDocuments(beam.PTransform):
     def expand(self, records: beam.PCollection) -> dict[str, beam.PCollection]:
         checked = records | "CheckRecords" >> beam.ParDo(
             _ValidateFn(self.cfg.max_document_bytes)
+        ).with_output_types(
+            Document, **{TAG_REJECTS: Reject, TAG_IDS: DocumentIds}
         ).with_outputs(TAG_REJECTS, TAG_IDS, main="documents")
         return {"documents": checked.documents, "rejects": checked[TAG_REJECTS],
                 "ids": checked[TAG_IDS]}

@@ -33,7 +33,7 @@ from transforms.types import (
     OUTCOME_OK,
     OUTCOME_RETRY,
     STAGE_EMBED,
-    DocumentId,
+    DocumentIds,
     EmbeddedBatch,
     Reject,
     UsageRecord,
@@ -149,9 +149,9 @@ def metadata_array(values: list[Any]) -> pa.Array:
     return arr.cast(pa.string()) if pa.types.is_null(arr.type) else arr
 
 
-def ids_table(batches: Sequence[tuple[DocumentId, ...]], spec: OutputSpec) -> pa.Table:
-    """Document ids arrive in batches (tuples), as the validate stage emits them."""
-    ids = [i for batch in batches for i in batch]
+def ids_table(batches: Sequence[DocumentIds], spec: OutputSpec) -> pa.Table:
+    """Document ids arrive in batches, as the validate stage emits them."""
+    ids = [i for batch in batches for i in batch.ids]
     return pa.table({
         "key": pa.array(np.fromiter((i.key for i in ids), dtype=np.uint64, count=len(ids))),
         "doc_id": pa.array([i.doc_id for i in ids], pa.string()),
