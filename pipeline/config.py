@@ -3,8 +3,10 @@
 Every section is a pydantic model with ``extra="forbid"``, so a misspelt key is an error that
 names it instead of a silently ignored setting. Cross-field rules (overlap below max_tokens,
 chunk size within the provider's per-input limit, dimensions the model supports) are checked
-here, before any worker starts or any request is sent. Nothing deeper in the pipeline reads
-the environment, except the one place that resolves the API key on the worker.
+here, before any worker starts or any request is sent. The ``provider`` section is validated by
+the model of its ``provider.kind``: a key of another kind is an error that names both. Nothing
+deeper in the pipeline reads the environment, except the one place that resolves the API key on
+the worker.
 
 Example::
 
@@ -19,9 +21,18 @@ from typing import Any
 
 import yaml
 from pydantic import ConfigDict, Field, ValidationError
+from pydantic_core import ErrorDetails
 
 from transforms.errors import ConfigError
-from transforms.providers import get_provider_class
+from transforms.providers import (
+    ArkConfig,
+    EnvelopeConfig,
+    OpenAIConfig,
+    get_provider_class,
+    misplaced_key_message,
+    provider_kinds,
+    unknown_kind_message,
+)
 from transforms.sections import (
     CacheConfig,
     InputConfig,
@@ -35,9 +46,9 @@ from transforms.sections import (
 )
 
 __all__ = [
-    "CacheConfig", "Config", "InputConfig", "LimitsConfig", "OutputConfig", "ProviderConfig",
-    "RetryConfig", "SplitConfig", "ValidateConfig", "apply_overrides", "load_config",
-    "parse_config",
+    "ArkConfig", "CacheConfig", "Config", "EnvelopeConfig", "InputConfig", "LimitsConfig",
+    "OpenAIConfig", "OutputConfig", "ProviderConfig", "RetryConfig", "SplitConfig",
+    "ValidateConfig", "apply_overrides", "load_config", "parse_config",
 ]
 
 
@@ -45,7 +56,7 @@ class Config(_Section):
     input: InputConfig
     validate_: ValidateConfig = Field(default_factory=ValidateConfig, alias="validate")
     split: SplitConfig = Field(default_factory=SplitConfig)
-    provider: ProviderConfig = Field(default_factory=ProviderConfig)
+    provider: ProviderConfig = Field(default_factory=OpenAIConfig)
     limits: LimitsConfig = Field(default_factory=LimitsConfig)
     retry: RetryConfig = Field(default_factory=RetryConfig)
     output: OutputConfig = Field(default_factory=OutputConfig)
@@ -100,18 +111,35 @@ def parse_config(data: dict[str, Any], *, source: str = "config") -> Config:
     try:
         cfg = Config.model_validate(data)
     except ValidationError as exc:
-        lines = []
-        for err in exc.errors():
-            loc = ".".join(str(p) for p in err["loc"]) or "(top level)"
-            lines.append(f"  {loc}: {err['msg']}")
+        lines = [f"  {loc}: {msg}" for loc, msg in map(_describe, exc.errors())]
         raise ConfigError(f"{source} is invalid:\n" + "\n".join(lines)) from None
     _check_cross_rules(cfg)
     return cfg
 
 
+def _describe(err: ErrorDetails) -> tuple[str, str]:
+    """``(dotted key, message)`` of one validation error, in the config's own terms.
+
+    The ``provider`` union puts the kind in the location (``provider.ark.dimensions``): it is
+    dropped, since users write ``provider.dimensions``. A key of another kind and an unknown
+    kind are said so, rather than as pydantic's "extra inputs" and "input tag" messages.
+    """
+    loc = [str(part) for part in err["loc"]]
+    if loc[:1] == ["provider"]:
+        if err["type"] == "union_tag_invalid":
+            return "provider.kind", unknown_kind_message(err.get("ctx", {}).get("tag"))
+        if len(loc) > 1 and loc[1] in provider_kinds():
+            kind = loc.pop(1)
+            if err["type"] == "extra_forbidden" and len(loc) == 2:
+                misplaced = misplaced_key_message(loc[1], kind)
+                if misplaced is not None:
+                    return ".".join(loc), misplaced
+    return ".".join(loc) or "(top level)", err["msg"]
+
+
 def _check_cross_rules(cfg: Config) -> None:
+    cfg.provider.check()
     provider_cls = get_provider_class(cfg.provider.kind)
-    provider_cls.check_config(cfg.provider)
     limit = cfg.provider.max_input_tokens or provider_cls.default_max_input_tokens
     if limit is not None and cfg.split.max_tokens > limit:
         raise ConfigError(

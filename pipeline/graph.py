@@ -27,7 +27,7 @@ from urllib.parse import urlsplit
 import apache_beam as beam
 from apache_beam.pvalue import AsList, AsSingleton
 
-from pipeline.config import Config
+from pipeline.config import ArkConfig, Config, EnvelopeConfig
 from transforms.bundle import BundleCaps
 from transforms.cache import CacheSpec, default_cache_root
 from transforms.embed import EmbedChunks, EmbedSettings
@@ -57,13 +57,15 @@ def namespace_key(cfg: Config) -> dict[str, Any]:
 
     The whole endpoint, not only its host: two Azure deployments, or a gateway routing paths to
     different models, share a host but not their vectors. ``parameters`` (envelope APIs) can
-    change the vectors too.
+    change the vectors too. A kind without one of them keys as its old default (false, {}),
+    so namespaces keep the digests they had when every kind had every key.
     """
     p = cfg.provider
     endpoint = urlsplit(p.base_url)
     return {"kind": p.kind, "endpoint": f"{endpoint.netloc}{endpoint.path}".rstrip("/"),
-            "model": p.model, "dimensions": p.dimensions, "normalize": p.normalize,
-            "parameters": p.parameters}
+            "model": p.model, "dimensions": p.dimensions,
+            "normalize": isinstance(p, ArkConfig) and p.normalize,
+            "parameters": p.parameters if isinstance(p, EnvelopeConfig) else {}}
 
 
 def cache_spec(cfg: Config, run_id: str) -> CacheSpec | None:

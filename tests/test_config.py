@@ -31,14 +31,14 @@ def test_overlap_must_be_below_max_tokens() -> None:
 
 
 def test_unknown_provider_kind_lists_choices() -> None:
-    with pytest.raises(ConfigError, match="provider.kind.*openai"):
+    with pytest.raises(ConfigError, match=r"provider\.kind.*openai"):
         parse_config({**BASE, "provider": {"kind": "nope"}})
 
 
 def test_chunk_must_fit_provider_limits() -> None:
-    with pytest.raises(ConfigError, match="split.max_tokens"):
+    with pytest.raises(ConfigError, match=r"split\.max_tokens"):
         parse_config({**BASE, "provider": {"max_input_tokens": 256}})
-    with pytest.raises(ConfigError, match="split.max_tokens"):
+    with pytest.raises(ConfigError, match=r"split\.max_tokens"):
         parse_config({**BASE, "provider": {"max_tokens_per_request": 100}})
 
 

@@ -21,12 +21,12 @@ import numpy as np
 import pytest
 import yaml
 
-from pipeline.config import ProviderConfig, parse_config
+from pipeline.config import ArkConfig, parse_config
 from pipeline.local_server import HashingEmbedder
 from pipeline.run import RunRequest, execute
-from tests.ark_server import ArkServer, Fault, ark_error
-from tests.corpus import corpus_patterns, long_text, write_corpus
-from tests.harness import expected_chunks, make_config, read_output
+from tests.support.ark_server import ArkServer, Fault, ark_error
+from tests.support.corpus import corpus_patterns, long_text, write_corpus
+from tests.support.harness import expected_chunks, make_config, read_output
 from transforms.errors import (
     ConfigError,
     FatalProviderError,
@@ -51,7 +51,7 @@ def oracle(texts: list[str], native: int = NATIVE, dimensions: int = DIMENSIONS)
 
 
 def provider(**fields: Any) -> ArkProvider:
-    return ArkProvider(ProviderConfig(kind="ark", model=ENDPOINT, **fields))
+    return ArkProvider(ArkConfig(kind="ark", model=ENDPOINT, **fields))
 
 
 # -- the error table --------------------------------------------------------------------------
@@ -139,8 +139,8 @@ def test_a_real_model_at_its_real_size_is_reduced_as_documented(encoding_format:
     model, native = "doubao-embedding-large-text-250515", 2048
     texts = ["天很蓝", "海很深", "the sky is blue"]
     with ArkServer(models={model: native}, api_key=KEY) as server, httpx.Client() as client:
-        ark = ArkProvider(ProviderConfig(kind="ark", base_url=server.base_url, model=model,
-                                         dimensions=1024, encoding_format=encoding_format))
+        ark = ArkProvider(ArkConfig(kind="ark", base_url=server.base_url, model=model,
+                                    dimensions=1024, encoding_format=encoding_format))
         result = ark.embed(client, texts, KEY, est_tokens=3)
         # The server refuses the parameter the client must not send.
         refused = client.post(f"{server.base_url}/embeddings",
@@ -172,8 +172,8 @@ def test_the_server_refuses_what_ark_refuses() -> None:
 
 def test_an_endpoint_too_narrow_for_the_size_is_fatal() -> None:
     with ArkServer(models=MODELS) as server, httpx.Client() as client:
-        ark = ArkProvider(ProviderConfig(kind="ark", base_url=server.base_url, model=ENDPOINT,
-                                         api_key_env=None, dimensions=NATIVE + 1))
+        ark = ArkProvider(ArkConfig(kind="ark", base_url=server.base_url, model=ENDPOINT,
+                                    api_key_env=None, dimensions=NATIVE + 1))
         with pytest.raises(FatalProviderError, match=f"provider.dimensions={NATIVE + 1}"):
             ark.embed(client, ["hello"], None, est_tokens=1)
 
@@ -205,7 +205,7 @@ def test_dimensions_are_checked_for_documented_models(model: str, dimensions: in
     if ok:
         assert parse_config(data).provider.dimensions == dimensions
     else:
-        with pytest.raises(ConfigError, match="provider.dimensions") as info:
+        with pytest.raises(ConfigError, match=r"provider\.dimensions") as info:
             parse_config(data)
         assert info.value.key == "provider.dimensions"
 

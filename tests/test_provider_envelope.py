@@ -20,13 +20,13 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from pipeline.config import Config, ProviderConfig, load_config
+from pipeline.config import Config, EnvelopeConfig, load_config
 from pipeline.local_server import HashingEmbedder, Reply, truncate_dimensions
 from pipeline.run import RunRequest, execute
-from tests.corpus import ExpectedCorpus, corpus_patterns, write_corpus
-from tests.envelope_server import EnvelopeServer, envelope_error, html_error
-from tests.fakes import FakeClock
-from tests.harness import MODEL, expected_chunks, make_config, read_output
+from tests.support.corpus import ExpectedCorpus, corpus_patterns, write_corpus
+from tests.support.envelope_server import EnvelopeServer, envelope_error, html_error
+from tests.support.fakes import FakeClock
+from tests.support.harness import MODEL, expected_chunks, make_config, read_output
 from transforms.errors import (
     ConfigError,
     FatalProviderError,
@@ -53,7 +53,7 @@ Handler = Callable[[httpx.Request], httpx.Response]
 
 
 def make_provider(clock: FakeClock | None = None, **overrides: Any) -> EnvelopeProvider:
-    cfg = ProviderConfig(kind="envelope", base_url=ROOT, model="embed-v1",
+    cfg = EnvelopeConfig(kind="envelope", base_url=ROOT, model="embed-v1",
                          api_key_env=KEY_ENV, **overrides)
     return EnvelopeProvider(cfg, clock=clock or FakeClock())
 
@@ -132,7 +132,7 @@ def test_request_sends_only_what_is_set() -> None:
 
 @pytest.mark.parametrize("poll_path", ["/api/v1/jobs", "api/v1/embeddings/{id}"])
 def test_poll_path_must_be_a_path_naming_the_job(poll_path: str) -> None:
-    with pytest.raises(ConfigError, match="provider.poll_path"):
+    with pytest.raises(ConfigError, match=r"provider\.poll_path"):
         make_config(["in/*.jsonl"], "out", ROOT, provider={"kind": "envelope",
                                                            "poll_path": poll_path})
 
@@ -367,7 +367,7 @@ def test_a_fatal_poll_answer_aborts() -> None:
 def test_provider_and_server_agree(server_args: dict[str, Any], encoding: str) -> None:
     texts = ["the red planet", "a green salad", "bond yields climbed"]
     with EnvelopeServer(dim=16, model=MODEL, api_key=KEY, **server_args) as server:
-        cfg = ProviderConfig(kind="envelope", base_url=server.root_url, model=MODEL,
+        cfg = EnvelopeConfig(kind="envelope", base_url=server.root_url, model=MODEL,
                              encoding_format=encoding, dimensions=8)
         provider = EnvelopeProvider(cfg, clock=FakeClock())  # polls ask again at once
         with httpx.Client(timeout=5) as client:
@@ -449,7 +449,7 @@ def check_complete_run(tmp_path: Path, expected: ExpectedCorpus, server: Envelop
     else:
         assert all(row["tokens_estimated"] for row in ok)
         per_text = dict(zip(vectors.column("content_sha256").to_pylist(),
-                            vectors.column("n_tokens").to_pylist()))
+                            vectors.column("n_tokens").to_pylist(), strict=True))
         assert prompt == sum(per_text.values()) + PREFLIGHT_EST_TOKENS
 
     counts = manifest["counts"]

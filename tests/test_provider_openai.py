@@ -14,8 +14,9 @@ import numpy as np
 
 from pipeline.local_server import ApiError, EmbeddingServer, HashingEmbedder, Reply
 from pipeline.run import RunRequest, execute
-from tests.corpus import corpus_patterns, write_corpus
-from tests.harness import MODEL, expected_chunks, make_config, read_output
+from tests.support.corpus import corpus_patterns, write_corpus
+from tests.support.fixtures import Serve
+from tests.support.harness import MODEL, expected_chunks, make_config, read_output
 
 
 class TeiServer(EmbeddingServer):
@@ -55,29 +56,35 @@ def test_tei_batch_cap_is_learned_and_the_run_succeeds(tmp_path: Path) -> None:
 
 
 class VllmServer(EmbeddingServer):
-    """vLLM's error shape (integer ``code``) for inputs holding a marker; no usage block."""
+    """vLLM's error shape (integer ``code``) for poisoned inputs (the base's :attr:`poison`, as
+    an over-long input would be); no usage block."""
+
+    def poison_reply(self, index: int, marker: str) -> Reply:
+        return Reply(400, {"object": "error", "message": "This model's maximum context "
+                           "length is 512 tokens", "type": "BadRequestError",
+                           "param": None, "code": 400})
 
     def handle_embeddings(self, payload: dict[str, Any], headers) -> Reply:
-        if any("POISON" in text for text in payload.get("input") or []):
-            return Reply(400, {"object": "error", "message": "This model's maximum context "
-                               "length is 512 tokens", "type": "BadRequestError",
-                               "param": None, "code": 400})
         reply = super().handle_embeddings(payload, headers)
+        if reply.status != 200:
+            return reply
         body = {k: v for k, v in reply.body.items() if k != "usage"}
         return Reply(reply.status, body, reply.headers)
 
 
-def test_vllm_poison_input_is_isolated_and_missing_usage_is_estimated(tmp_path: Path) -> None:
+def test_vllm_poison_input_is_isolated_and_missing_usage_is_estimated(tmp_path: Path,
+                                                                     serve: Serve) -> None:
     root = str(tmp_path / "corpus")
     expected = write_corpus(root)
     with open(f"{root}/docs.jsonl", "a", encoding="utf-8") as f:
         f.write('{"id": "poisoned", "text": "a POISON pill in a short document"}\n')
     output = str(tmp_path / "out")
-    with VllmServer(dim=32, model=MODEL) as server:
-        cfg = make_config(corpus_patterns(root), output, server.base_url,
-                          output={"include_text": True})
-        code = execute(RunRequest(cfg, quiet=True))
-        requests = server.stats.requests
+    server = serve(VllmServer, dim=32, model=MODEL, poison="POISON")
+    cfg = make_config(corpus_patterns(root), output, server.base_url,
+                      output={"include_text": True})
+    code = execute(RunRequest(cfg, quiet=True))
+    requests = server.stats.requests
+    server.stop()
     manifest, t = read_output(output)
     assert code == 1
     rejects = [r for r in t["rejects"].to_pylist() if r["stage"] == "embed"]
@@ -89,7 +96,7 @@ def test_vllm_poison_input_is_isolated_and_missing_usage_is_estimated(tmp_path: 
     assert all(u["tokens_estimated"] for u in ok)
     # Estimated from the local count of each distinct text sent, + the preflight's 2 tokens.
     per_text = dict(zip(t["vectors"].column("content_sha256").to_pylist(),
-                        t["vectors"].column("n_tokens").to_pylist()))
+                        t["vectors"].column("n_tokens").to_pylist(), strict=True))
     assert sum(u["prompt_tokens"] for u in ok) == sum(per_text.values()) + 2
     assert manifest["counts"]["requests"] == requests
     # Bisection: about log2(8) extra requests for the one poison chunk, not one per sibling.
@@ -97,25 +104,18 @@ def test_vllm_poison_input_is_isolated_and_missing_usage_is_estimated(tmp_path: 
     assert 1 <= len(failed) <= 4
 
 
-class HtmlOutageServer(EmbeddingServer):
-    """A proxy in front of the API answers its first two embedding requests with an HTML 503."""
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.outages = 2
-
-    def handle_embeddings(self, payload: dict[str, Any], headers) -> Reply:
-        if self.outages > 0:
-            self.outages -= 1
-            return Reply(503, b"<html><body><h1>503 Service Temporarily Unavailable</h1>"
-                              b"<hr><center>nginx</center></body></html>",
-                         {"content-type": "text/html"})
-        return super().handle_embeddings(payload, headers)
+def html_outage() -> Reply:
+    """What a proxy in front of the API answers during an outage: an HTML 503 page."""
+    return Reply(503, b"<html><body><h1>503 Service Temporarily Unavailable</h1>"
+                      b"<hr><center>nginx</center></body></html>",
+                 {"content-type": "text/html"})
 
 
-def test_html_error_pages_are_retried(tmp_path: Path) -> None:
-    with HtmlOutageServer(dim=32, model=MODEL) as server:
-        code, _manifest, (t, _expected) = run(tmp_path, server, output={"include_text": True})
+def test_html_error_pages_are_retried(tmp_path: Path, serve: Serve) -> None:
+    server = serve(EmbeddingServer, dim=32, model=MODEL)
+    server.schedule(html_outage, html_outage)  # the first two embedding requests
+    code, _manifest, (t, _expected) = run(tmp_path, server, output={"include_text": True})
+    server.stop()
     assert code == 0
     errors = [u["error"] for u in t["usage"].to_pylist() if u["http_status"] == 503]
     assert len(errors) == 2

@@ -1,12 +1,15 @@
 """The config section models: what each stage is configured by, validated at the edge.
 
-A leaf module on purpose: stage modules (``transforms/``) import their section from here, and
-the composition root (:mod:`pipeline.config`) assembles them into the whole :class:`Config`
+Below every stage on purpose: stage modules (``transforms/``) import their section from here,
+and the composition root (:mod:`pipeline.config`) assembles them into the whole :class:`Config`
 with the cross-section rules. So layers point one way: ``pipeline`` imports ``transforms``,
 never the reverse.
 
 Every section is a pydantic model with ``extra="forbid"``, so a misspelt key is an error that
-names it instead of a silently ignored setting.
+names it instead of a silently ignored setting. The ``provider`` section is one model per
+``provider.kind``, each defined beside its provider and joined by the registry into a union
+discriminated by ``kind`` (:data:`~transforms.providers.ProviderConfig`, re-exported here), so a
+key of another kind is refused too.
 """
 
 from __future__ import annotations
@@ -14,6 +17,13 @@ from __future__ import annotations
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from transforms.providers import ProviderConfig
+
+__all__ = [
+    "CacheConfig", "InputConfig", "LimitsConfig", "OutputConfig", "ProviderConfig",
+    "RetryConfig", "SplitConfig", "ValidateConfig",
+]
 
 
 class _Section(BaseModel):
@@ -60,42 +70,6 @@ class SplitConfig(_Section):
                 f"({self.max_tokens})"
             )
         return self
-
-
-class ProviderConfig(_Section):
-    kind: str = "openai"
-    base_url: str = "https://api.openai.com/v1"
-    model: str = "text-embedding-3-small"
-    api_key_env: str | None = "OPENAI_API_KEY"
-    dimensions: int | None = Field(None, gt=0)
-    normalize: bool = False
-    encoding_format: Literal["base64", "float"] = "base64"
-    timeout_s: float = Field(60, gt=0)
-    max_inputs_per_request: int = Field(256, gt=0)
-    max_tokens_per_request: int = Field(100_000, gt=0)
-    max_bytes_per_request: int = Field(4_000_000, gt=0)
-    max_input_tokens: int | None = Field(None, gt=0)
-    # OpenAI-compatible variants (Azure: auth_header api-key, api_version; see README).
-    auth_header: str = "Authorization"
-    auth_scheme: str | None = "Bearer"
-    api_version: str | None = None
-    extra_headers: dict[str, str] = Field(default_factory=dict)
-    send_dimensions: bool = True
-    # Envelope API.
-    parameters: dict[str, Any] = Field(default_factory=dict)
-    poll_path: str = "/api/v1/embeddings/{id}"
-    poll_timeout_s: float = Field(300, gt=0)
-    # Cost estimate for `embedpipe plan`.
-    price_per_million_tokens: float | None = Field(None, ge=0)
-    # One tiny request before the pipeline starts, so a bad key or model fails in seconds.
-    preflight: bool = True
-
-    @field_validator("base_url")
-    @classmethod
-    def _strip_slash(cls, v: str) -> str:
-        if not v.startswith(("http://", "https://")):
-            raise ValueError(f"must be an http(s) URL, got {v!r}")
-        return v.rstrip("/")
 
 
 class LimitsConfig(_Section):

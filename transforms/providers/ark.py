@@ -2,7 +2,7 @@
 
 ``POST {base_url}/embeddings`` with ``{model, input, encoding_format}``; ``model`` is a model id
 (``doubao-embedding-text-240715``) or an inference endpoint id (``ep-...``). The answer has
-OpenAI's shape, so parsing is inherited from :class:`~transforms.providers.openai.OpenAIProvider`;
+OpenAI's shape, so it is parsed by :func:`~transforms.providers.openai.parse_openai_answer`;
 what differs is Ark's own:
 
 - **No ``dimensions`` parameter.** Ark's documented dimension reduction (向量降维) happens on the
@@ -18,7 +18,9 @@ what differs is Ark's own:
 - **Error codes.** Ark says what went wrong in ``error.code``, and its 429 mixes throttling
   (retry) with exhausted quota (abort): :data:`ERROR_RULES` maps each documented code to its class.
 
-``provider.api_version`` and ``provider.send_dimensions`` do not apply to Ark.
+**Config** (:class:`ArkConfig`): the shared keys plus ``provider.normalize``. OpenAI's
+``api_version`` and ``send_dimensions`` are errors here, not settings silently ignored: Ark takes
+no query parameters and is never sent ``dimensions``.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from __future__ import annotations
 import fnmatch
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Literal
 
 import httpx
 import numpy as np
@@ -41,14 +44,15 @@ from transforms.errors import (
 from transforms.providers.base import (
     EmbeddingResult,
     HttpRequest,
+    Provider,
     classify_http_error,
     error_code_and_message,
     l2_normalize,
     request_id_of,
     retry_after_seconds,
 )
-from transforms.providers.openai import OpenAIProvider
-from transforms.sections import ProviderConfig
+from transforms.providers.config import BaseProviderConfig
+from transforms.providers.openai import parse_openai_answer
 
 #: Sizes ``provider.dimensions`` may take for the models whose reductions Ark documents (the
 #: native size included). Other model ids and every endpoint id accept any size.
@@ -104,22 +108,32 @@ ERROR_RULES: tuple[ErrorRule, ...] = (
 )
 
 
-class ArkProvider(OpenAIProvider):
+class ArkConfig(BaseProviderConfig):
+    """``provider.kind: ark``: the shared keys plus ``normalize``.
+
+    ``normalize: true`` L2-normalises native-size vectors (a reduced size is always normalised).
+    """
+
+    kind: Literal["ark"] = "ark"
+    normalize: bool = False
+
+    def check(self) -> None:
+        """Refuse a reduced size the model does not document, before any request is sent."""
+        allowed = DOCUMENTED_DIMENSIONS.get(self.model)
+        if self.dimensions is not None and allowed is not None and self.dimensions not in allowed:
+            raise ConfigError(
+                f"{self.model} serves {', '.join(map(str, sorted(allowed)))} dimensions, not "
+                f"{self.dimensions}; choose one of them or null for the native size",
+                key="provider.dimensions",
+            )
+
+
+class ArkProvider(Provider):
     """Volcengine Ark's ``/embeddings``: OpenAI's answer, Ark's request, reduction and errors."""
 
     kind = "ark"
     default_max_input_tokens = 4096
-
-    @classmethod
-    def check_config(cls, cfg: ProviderConfig) -> None:
-        """Refuse a reduced size the model does not document, before any request is sent."""
-        allowed = DOCUMENTED_DIMENSIONS.get(cfg.model)
-        if cfg.dimensions is not None and allowed is not None and cfg.dimensions not in allowed:
-            raise ConfigError(
-                f"{cfg.model} serves {', '.join(map(str, sorted(allowed)))} dimensions, not "
-                f"{cfg.dimensions}; choose one of them or null for the native size",
-                key="provider.dimensions",
-            )
+    cfg: ArkConfig
 
     def build_request(self, texts: Sequence[str], api_key: str | None) -> HttpRequest:
         return HttpRequest("POST", f"{self.cfg.base_url}/embeddings",
@@ -131,10 +145,10 @@ class ArkProvider(OpenAIProvider):
         """OpenAI's parsing, plus a check that the native vectors can serve the reduced size.
 
         Only a model without documented sizes (an endpoint id, a newer model) can get here with a
-        size above its native one, as :meth:`check_config` vets the others; every answer will be
-        as short, so no request can succeed and the run stops.
+        size above its native one, as :meth:`ArkConfig.check` vets the others; every answer will
+        be as short, so no request can succeed and the run stops.
         """
-        result = super().parse_response(response, n_inputs, est_tokens)
+        result = parse_openai_answer(response, n_inputs, est_tokens)
         native = result.vectors.shape[1]
         if self.cfg.dimensions is not None and native < self.cfg.dimensions:
             raise FatalProviderError(

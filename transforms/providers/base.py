@@ -35,7 +35,8 @@ from transforms.errors import (
     RequestTooLargeError,
     RetryableError,
 )
-from transforms.sections import ProviderConfig
+from transforms.limits import MONOTONIC, Clock
+from transforms.providers.config import BaseProviderConfig
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,14 +83,17 @@ class Provider:
     #: The per-input token limit of the API, if it has a documented one (checked against split).
     default_max_input_tokens: ClassVar[int | None] = None
 
-    def __init__(self, cfg: ProviderConfig) -> None:
+    #: The kind's own config class, paired with the provider in :mod:`transforms.providers`;
+    #: subclasses narrow this annotation to it (``cfg: ArkConfig``).
+    cfg: BaseProviderConfig
+
+    def __init__(self, cfg: BaseProviderConfig, *, clock: Clock = MONOTONIC) -> None:
         self.cfg = cfg
+        #: Times whatever waits inside one call (the envelope's job polling); the embed session
+        #: passes its own, so a test's fake clock reaches the provider too.
+        self.clock = clock
 
     # -- configuration ----------------------------------------------------------------------
-
-    @classmethod
-    def check_config(cls, cfg: ProviderConfig) -> None:
-        """Raise :class:`~transforms.errors.ConfigError` for settings this API cannot honour."""
 
     @property
     def expected_dim(self) -> int | None:
@@ -108,17 +112,18 @@ class Provider:
         """``provider.extra_headers`` plus the auth header (auth wins on a clash)."""
         return {**self.cfg.extra_headers, **self.auth_headers(api_key)}
 
-    def body(self, texts: Sequence[str], *, dimensions: bool = True) -> dict[str, Any]:
+    def body(self, texts: Sequence[str], *, dimensions: bool) -> dict[str, Any]:
         """The fields every dialect shares: model, inputs, encoding, and ``dimensions`` if set.
 
-        ``dimensions=False`` for APIs that reduce client-side (Ark) and must never send it.
+        ``dimensions`` says whether this API may be sent ``provider.dimensions``: the kind's
+        ``send_dimensions`` (openai, envelope), or False for APIs that reduce client-side (Ark).
         """
         body: dict[str, Any] = {
             "model": self.cfg.model,
             "input": list(texts),
             "encoding_format": self.cfg.encoding_format,
         }
-        if dimensions and self.cfg.dimensions is not None and self.cfg.send_dimensions:
+        if dimensions and self.cfg.dimensions is not None:
             body["dimensions"] = self.cfg.dimensions
         return body
 

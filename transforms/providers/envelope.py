@@ -54,10 +54,11 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 from urllib.parse import quote
 
 import httpx
+from pydantic import Field
 
 from transforms.errors import ConfigError, MalformedResponseError, ProviderError, RetryableError
 from transforms.limits import MONOTONIC, Clock
@@ -75,7 +76,7 @@ from transforms.providers.base import (
     retry_after_seconds,
     usage_tokens,
 )
-from transforms.sections import ProviderConfig
+from transforms.providers.config import BaseProviderConfig
 
 #: ``data.status`` values of a job that is still being worked on.
 QUEUED_STATES = frozenset({"PENDING", "RUNNING", "PROCESSING"})
@@ -190,6 +191,31 @@ def _error_status(code: str | None) -> int | None:
     return status if 400 <= status <= 599 else None
 
 
+class EnvelopeConfig(BaseProviderConfig):
+    """``provider.kind: envelope``: the shared keys, the body's ``parameters`` and job polling.
+
+    ``send_dimensions: false`` keeps ``dimensions`` out of the body, as for ``kind: openai``.
+    """
+
+    kind: Literal["envelope"] = "envelope"
+    send_dimensions: bool = True
+    # Sent as-is as the body's "parameters" when non-empty.
+    parameters: dict[str, Any] = Field(default_factory=dict)
+    # Where a queued job is polled, under base_url; {id} is the job's data.id.
+    poll_path: str = "/api/v1/embeddings/{id}"
+    # A job not done by then is submitted again.
+    poll_timeout_s: float = Field(300, gt=0)
+
+    def check(self) -> None:
+        """A ``poll_path`` must be a path naming the job, or no job could ever be collected."""
+        if not self.poll_path.startswith("/") or "{id}" not in self.poll_path:
+            raise ConfigError(
+                f"{self.poll_path!r} must start with '/' and contain '{{id}}' where the job id "
+                "goes, e.g. /api/v1/embeddings/{id}",
+                key="provider.poll_path",
+            )
+
+
 class EnvelopeProvider(Provider):
     """An envelope API (see the module docstring); synchronous answers and queued jobs alike.
 
@@ -205,22 +231,13 @@ class EnvelopeProvider(Provider):
     #: How queued jobs are polled. A class attribute, so a test or subclass can shorten it.
     poll_backoff: PollBackoff = PollBackoff()
 
-    def __init__(self, cfg: ProviderConfig, *, clock: Clock = MONOTONIC) -> None:
-        super().__init__(cfg)
-        self.clock = clock
+    cfg: EnvelopeConfig
 
-    @classmethod
-    def check_config(cls, cfg: ProviderConfig) -> None:
-        """A ``poll_path`` must be a path naming the job, or no job could ever be collected."""
-        if not cfg.poll_path.startswith("/") or "{id}" not in cfg.poll_path:
-            raise ConfigError(
-                f"{cfg.poll_path!r} must start with '/' and contain '{{id}}' where the job id "
-                "goes, e.g. /api/v1/embeddings/{id}",
-                key="provider.poll_path",
-            )
+    def __init__(self, cfg: EnvelopeConfig, *, clock: Clock = MONOTONIC) -> None:
+        super().__init__(cfg, clock=clock)
 
     def build_request(self, texts: Sequence[str], api_key: str | None) -> HttpRequest:
-        body = self.body(texts)
+        body = self.body(texts, dimensions=self.cfg.send_dimensions)
         if self.cfg.parameters:
             body["parameters"] = dict(self.cfg.parameters)
         return HttpRequest("POST", f"{self.cfg.base_url}{SUBMIT_PATH}", body,

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
-from typing import ClassVar
+from typing import ClassVar, Literal
 
 import httpx
 
@@ -38,9 +38,22 @@ from transforms.providers.base import (
     retry_after_seconds,
     usage_tokens,
 )
+from transforms.providers.config import BaseProviderConfig
 
 #: TEI's message when a request has more inputs than ``--max-client-batch-size``.
 _BATCH_CAP = re.compile(r"batch size (\d+) > maximum allowed batch size (\d+)")
+
+
+class OpenAIConfig(BaseProviderConfig):
+    """``provider.kind: openai``: the shared keys, plus the variants of OpenAI-compatible servers.
+
+    ``api_version`` is sent as ``?api-version=`` (Azure); ``send_dimensions: false`` keeps
+    ``dimensions`` out of the body for servers that reject it (TEI, vLLM without Matryoshka).
+    """
+
+    kind: Literal["openai"] = "openai"
+    api_version: str | None = None
+    send_dimensions: bool = True
 
 
 class OpenAIProvider(Provider):
@@ -49,31 +62,18 @@ class OpenAIProvider(Provider):
     kind = "openai"
     # Model-dependent (8191 for OpenAI's models): set provider.max_input_tokens.
     default_max_input_tokens: ClassVar[int | None] = None
+    cfg: OpenAIConfig
 
     def build_request(self, texts: Sequence[str], api_key: str | None) -> HttpRequest:
         params = {"api-version": self.cfg.api_version} if self.cfg.api_version else None
-        return HttpRequest("POST", f"{self.cfg.base_url}/embeddings", self.body(texts),
+        body = self.body(texts, dimensions=self.cfg.send_dimensions)
+        return HttpRequest("POST", f"{self.cfg.base_url}/embeddings", body,
                            self.headers(api_key), params)
 
     def parse_response(
         self, response: httpx.Response, n_inputs: int, est_tokens: int
     ) -> EmbeddingResult:
-        body = json_body(response)
-        data = body.get("data") if isinstance(body, dict) else None
-        if not isinstance(data, list):
-            raise MalformedResponseError(
-                "answer has no 'data' list", http_status=response.status_code
-            )
-        vectors = align_by_index(data, n_inputs)
-        prompt, total, estimated = usage_tokens(body.get("usage"), est_tokens)
-        return EmbeddingResult(
-            vectors=vectors,
-            prompt_tokens=prompt,
-            total_tokens=total,
-            tokens_estimated=estimated,
-            http_status=response.status_code,
-            provider_request_id=body.get("id") if isinstance(body.get("id"), str) else None,
-        )
+        return parse_openai_answer(response, n_inputs, est_tokens)
 
     def classify_error(self, response: httpx.Response) -> ProviderError:
         if response.status_code in (413, 422):
@@ -88,3 +88,29 @@ class OpenAIProvider(Provider):
                     provider_request_id=request_id_of(response),
                 )
         return super().classify_error(response)
+
+
+def parse_openai_answer(
+    response: httpx.Response, n_inputs: int, est_tokens: int
+) -> EmbeddingResult:
+    """An answer of OpenAI's shape, ``{data: [{index, embedding}], usage, id?}``, aligned.
+
+    A function rather than a method so that Ark, whose answers have this shape but whose config
+    does not, shares it without being an :class:`OpenAIProvider`.
+    """
+    body = json_body(response)
+    data = body.get("data") if isinstance(body, dict) else None
+    if not isinstance(data, list):
+        raise MalformedResponseError(
+            "answer has no 'data' list", http_status=response.status_code
+        )
+    vectors = align_by_index(data, n_inputs)
+    prompt, total, estimated = usage_tokens(body.get("usage"), est_tokens)
+    return EmbeddingResult(
+        vectors=vectors,
+        prompt_tokens=prompt,
+        total_tokens=total,
+        tokens_estimated=estimated,
+        http_status=response.status_code,
+        provider_request_id=body.get("id") if isinstance(body.get("id"), str) else None,
+    )

@@ -1,0 +1,75 @@
+"""The keys every ``provider.kind`` shares: endpoint, model, key, request caps, plan and preflight.
+
+Each provider module defines its own config class beside its :class:`~transforms.providers.base.
+Provider`, by subclassing :class:`BaseProviderConfig` with a literal ``kind`` and the keys only
+its dialect reads (:class:`~transforms.providers.openai.OpenAIConfig`,
+:class:`~transforms.providers.ark.ArkConfig`,
+:class:`~transforms.providers.envelope.EnvelopeConfig`). The registry
+(:mod:`transforms.providers`) joins them into one union discriminated by ``kind``, so a key of
+another kind is an error instead of a setting silently ignored. ::
+
+    BaseProviderConfig            the keys below, shared by every kind
+    ├── OpenAIConfig              kind: openai    + api_version, send_dimensions
+    ├── ArkConfig                 kind: ark       + normalize
+    └── EnvelopeConfig            kind: envelope  + send_dimensions, parameters, poll_path,
+                                                    poll_timeout_s
+
+A leaf module (pydantic only), so every provider module may import it.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+
+class BaseProviderConfig(BaseModel):
+    """The ``provider`` keys that mean the same for every kind.
+
+    The defaults are OpenAI's for every kind: a config of another kind sets ``base_url``,
+    ``model`` and ``api_key_env`` (as ``configs/ark.yaml`` and ``configs/envelope.yaml`` do).
+
+    Subclasses may override :meth:`check` for rules that need the whole section (Ark's reduced
+    sizes per model) and must name the key at fault.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    kind: str
+    base_url: str = "https://api.openai.com/v1"
+    model: str = "text-embedding-3-small"
+    # The NAME of the environment variable that holds the key; None: no authentication.
+    api_key_env: str | None = "OPENAI_API_KEY"
+    # Reduced dimension: sent to the API (openai, envelope) or applied client-side (ark).
+    dimensions: int | None = Field(None, gt=0)
+    encoding_format: Literal["base64", "float"] = "base64"
+    timeout_s: float = Field(60, gt=0)
+    # Request caps: how many inputs, tokens and UTF-8 bytes of input one request may carry.
+    max_inputs_per_request: int = Field(256, gt=0)
+    max_tokens_per_request: int = Field(100_000, gt=0)
+    max_bytes_per_request: int = Field(4_000_000, gt=0)
+    # The model's per-input token limit; None: the provider's built-in one (Ark: 4096), if any.
+    max_input_tokens: int | None = Field(None, gt=0)
+    # How the key is sent (Azure: auth_header api-key, auth_scheme None), and headers to add.
+    auth_header: str = "Authorization"
+    auth_scheme: str | None = "Bearer"
+    extra_headers: dict[str, str] = Field(default_factory=dict)
+    # Cost estimate for `embedpipe plan`.
+    price_per_million_tokens: float | None = Field(None, ge=0)
+    # One tiny request before the pipeline starts, so a bad key or model fails in seconds.
+    preflight: bool = True
+
+    @field_validator("base_url")
+    @classmethod
+    def _strip_slash(cls, v: str) -> str:
+        if not v.startswith(("http://", "https://")):
+            raise ValueError(f"must be an http(s) URL, got {v!r}")
+        return v.rstrip("/")
+
+    def check(self) -> None:
+        """Raise :class:`~transforms.errors.ConfigError` for settings this API cannot honour.
+
+        Called once the whole config has validated, before any request is sent; the error names
+        its key (``provider.dimensions``). Nothing to check for the shared keys.
+        """
