@@ -1,6 +1,6 @@
 """``make bench``: how close embedpipe runs to a provider's rate limit, and what it loses.
 
-Against the fault server (:mod:`tests.fault_server`, in its own process) with a TPM and an RPM
+Against the fault server (:mod:`tests.support.fault_server`, in its own process) with a TPM and an RPM
 limit and 60 ms latency, over a generated corpus that needs ``--minutes`` (default 1.1) at the
 limit, three clients embed the same chunks:
 
@@ -33,7 +33,7 @@ import httpx
 
 from pipeline.config import parse_config
 from pipeline.run import RunRequest, execute
-from tests.harness import read_output
+from tests.support.harness import read_output
 from transforms.tokens import get_tokenizer
 
 WORDS = ["orbit", "comet", "nebula", "galaxy", "telescope", "survey", "quasar", "pulsar", "photon", "spectrum", "lens", "mirror", "sauce", "butter", "garlic", "thyme", "simmer", "roast", "bake", "knead", "dough", "yeast", "market", "bond", "yield", "equity", "rate", "inflation", "budget", "ledger", "audit", "stadium", "striker", "keeper", "match", "league", "season"]
@@ -71,7 +71,7 @@ class FaultServerProcess:
 
     def __init__(self, tpm: int, rpm: int, latency_s: float) -> None:
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "tests.fault_server", "--tpm", str(tpm), "--rpm", str(rpm),
+            [sys.executable, "-m", "tests.support.fault_server", "--tpm", str(tpm), "--rpm", str(rpm),
              "--latency", str(latency_s)],
             stdout=subprocess.PIPE, text=True, cwd=Path(__file__).parents[1],
         )

@@ -20,7 +20,7 @@ from pathlib import Path
 from pipeline.config import parse_config
 from pipeline.local_server import EmbeddingServer
 from pipeline.run import RunRequest, execute
-from tests.harness import read_output
+from tests.support.harness import read_output
 
 WORDS = ["river", "stone", "bridge", "lantern", "harbour", "meadow", "orchard", "valley", "summit", "glacier", "canyon", "delta", "market", "ledger", "invoice", "tariff", "dividend", "merger", "audit", "pension"]
 

@@ -4,7 +4,7 @@ The rate-limit benchmark (``make bench``) asks how close embedpipe runs to a pro
 this one takes the provider out of the picture to ask what embedpipe *itself* costs as corpora
 grow: wall time, chunks/s, peak memory of the whole process tree (Beam worker processes
 included), and how long it takes before the first embedding request leaves. Each figure is set
-against a bare client (:mod:`tests.bench_bare_client`: asyncio + httpx + numpy + pyarrow, no
+against a bare client (:mod:`tests.support.bare_client`: asyncio + httpx + numpy + pyarrow, no
 framework) that embeds the same corpus against the same server in the same run, so the ratio
 ``embedpipe chunks/s / bare chunks/s`` says how much of the machine embedpipe's machinery takes,
 independently of how fast the machine is.
@@ -13,7 +13,7 @@ Per size (default 20k, 200k and 1M chunks):
 
 1. a seeded corpus of distinct one-chunk documents (~60 words) as JSONL.gz, generated once and
    cached in the work folder (``--workdir``; default a temporary folder removed at the end);
-2. the fast server (:mod:`tests.bench_fast_server`, its own process: precomputed vectors, no
+2. the fast server (:mod:`tests.support.fast_server`, its own process: precomputed vectors, no
    latency, no rate limit), restarted per size and reset before every measured run;
 3. the bare client (``--skip-bare`` to leave it out), then ``python -m pipeline run --quiet``
    with a fresh output and a cold cache, then with ``--rerun`` the same run again with
@@ -44,6 +44,7 @@ the corpus size; anything else is reported as data loss and makes the exit code 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gzip
 import json
 import os
@@ -59,23 +60,19 @@ import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-import httpx
 import pyarrow.parquet as pq
 import yaml
 
-if TYPE_CHECKING:
-    from typing_extensions import Self
+from tests.support.fast_server import FastServerProcess
+from tests.support.proctree import TreeSampler, cpu_seconds
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_SIZES = (20_000, 200_000, 1_000_000)
 WORDS_PER_DOC = 60
 CORPUS_SEED = 20_000
 MODEL = "bench-model"
-SAMPLE_INTERVAL_S = 0.1
-PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
-CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 MB = 1024 * 1024
 
 # Plain lower-case words: a corpus line can then be written without JSON escaping.
@@ -136,144 +133,6 @@ def ensure_corpus(workdir: Path, n: int, seed: int = CORPUS_SEED) -> tuple[Path,
 
 
 # --------------------------------------------------------------------------------------------
-# Process-tree memory
-
-
-def _rss_bytes(pid: int) -> int:
-    try:
-        with open(f"/proc/{pid}/statm", "rb") as f:
-            return int(f.read().split()[1]) * PAGE_SIZE
-    except (OSError, ValueError, IndexError):
-        return 0  # gone between listing and reading
-
-
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of one live process so far, from ``/proc/PID/stat``."""
-    with open(f"/proc/{pid}/stat", "rb") as f:
-        stat = f.read()
-    fields = stat[stat.rfind(b")") + 2:].split()
-    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
-
-
-def _children_by_ppid() -> dict[int, list[int]]:
-    """Every process's children, from the ppid field of ``/proc/*/stat``."""
-    children: dict[int, list[int]] = {}
-    for entry in os.scandir("/proc"):
-        if not entry.name.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry.name}/stat", "rb") as f:
-                stat = f.read()
-        except OSError:
-            continue
-        # The command name (in parentheses) may hold spaces: fields resume after the last ")".
-        fields = stat[stat.rfind(b")") + 2:].split()
-        children.setdefault(int(fields[1]), []).append(int(entry.name))
-    return children
-
-
-def _children_files(pid: int) -> list[int] | None:
-    """Children from ``/proc/PID/task/*/children`` (CONFIG_PROC_CHILDREN); None if unavailable."""
-    try:
-        tasks = os.listdir(f"/proc/{pid}/task")
-    except OSError:
-        return []
-    out: list[int] = []
-    for tid in tasks:
-        try:
-            with open(f"/proc/{pid}/task/{tid}/children", "rb") as f:
-                out.extend(int(c) for c in f.read().split())
-        except FileNotFoundError:
-            return None
-        except OSError:
-            continue
-    return out
-
-
-def process_tree(root: int) -> list[int]:
-    """``root`` and all its descendants alive now."""
-    use_files = _children_files(root) is not None
-    by_ppid = {} if use_files else _children_by_ppid()
-    tree, todo = [], [root]
-    while todo:
-        pid = todo.pop()
-        tree.append(pid)
-        todo.extend((_children_files(pid) or []) if use_files else by_ppid.get(pid, []))
-    return tree
-
-
-class TreeSampler:
-    """Samples the summed RSS of a process tree every ``interval`` seconds, keeps the peak."""
-
-    def __init__(self, root: int, interval: float = SAMPLE_INTERVAL_S) -> None:
-        self.root = root
-        self.interval = interval
-        self.peak_rss = 0
-        self.peak_processes = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def __enter__(self) -> Self:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
-
-    def _run(self) -> None:
-        while True:
-            tree = process_tree(self.root)
-            self.peak_rss = max(self.peak_rss, sum(_rss_bytes(pid) for pid in tree))
-            self.peak_processes = max(self.peak_processes, len(tree))
-            if self._stop.wait(self.interval):
-                return
-
-
-# --------------------------------------------------------------------------------------------
-# The fast server
-
-
-class FastServerProcess:
-    """:mod:`tests.bench_fast_server` in a subprocess; its stats over HTTP."""
-
-    def __init__(self, dim: int) -> None:
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "tests.bench_fast_server", "--dim", str(dim)],
-            stdout=subprocess.PIPE, text=True, cwd=REPO,
-        )
-        assert self.proc.stdout is not None
-        self.base_url = self.proc.stdout.readline().strip()
-        if not self.base_url.startswith("http://"):
-            self.close()
-            raise RuntimeError("the fast server did not start")
-        self._root = self.base_url.removesuffix("/v1")
-        self._http = httpx.Client(timeout=10)
-
-    def stats(self) -> dict[str, Any]:
-        return self._http.get(f"{self._root}/stats").raise_for_status().json()
-
-    def reset(self) -> None:
-        self._http.post(f"{self._root}/reset").raise_for_status()
-
-    def close(self) -> None:
-        if hasattr(self, "_http"):
-            self._http.close()
-        self.proc.terminate()
-        try:
-            self.proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-
-# --------------------------------------------------------------------------------------------
 # Measured runs
 
 
@@ -303,10 +162,8 @@ class Run:
 
 def _kill_group(proc: subprocess.Popen[bytes]) -> None:
     """SIGKILL the run's own process group (its session: the run and its workers)."""
-    try:
+    with contextlib.suppress(ProcessLookupError):
         os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
 
 
 def measure(name: str, cmd: list[str], log_path: Path, server: FastServerProcess,
@@ -367,7 +224,7 @@ def fail(run: Run, problem: str) -> None:
 def run_bare(server: FastServerProcess, corpus: Path, n: int, dim: int, folder: Path,
              timeout_s: float | None) -> Run:
     out = folder / "bare.parquet"
-    cmd = [sys.executable, "-m", "tests.bench_bare_client", "--base-url", server.base_url,
+    cmd = [sys.executable, "-m", "tests.support.bare_client", "--base-url", server.base_url,
            "--corpus", str(corpus), "--out", str(out), "--dim", str(dim), "--model", MODEL]
     run = measure("bare", cmd, folder / "logs" / "bare.log", server, n, timeout_s)
     if run.exit_code != 0:
@@ -485,10 +342,10 @@ def print_table(results: list[dict[str, Any]], rerun: bool) -> None:
         row.append("yes" if all(x.ok for x in runs) else "NO")
         rows.append(row)
     widths = [max(len(c), *(len(row[i]) for row in rows)) for i, c in enumerate(columns)]
-    print("| " + " | ".join(c.rjust(w) for c, w in zip(columns, widths)) + " |")
+    print("| " + " | ".join(c.rjust(w) for c, w in zip(columns, widths, strict=True)) + " |")
     print("|" + "|".join("-" * (w + 1) + ":" for w in widths) + "|")
     for row in rows:
-        print("| " + " | ".join(v.rjust(w) for v, w in zip(row, widths)) + " |")
+        print("| " + " | ".join(v.rjust(w) for v, w in zip(row, widths, strict=True)) + " |")
     print("ratio = embedpipe chunks/s / bare chunks/s; peak RSS = max over time of the summed "
           "RSS of the process tree; first request/batch = seconds from spawn to the server's "
           "first request / first request with more than one input.")
@@ -620,3 +477,4 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     raise SystemExit(main())
+

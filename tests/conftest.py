@@ -1,4 +1,5 @@
-"""Shared fixtures: real servers on loopback (S3 through moto, embedding APIs)."""
+"""Shared fixtures: real servers on loopback (S3 through moto here; the embedding APIs in
+:mod:`tests.support.fixtures`, registered below as a plugin)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ from typing import Any
 import boto3
 import pytest
 from moto.server import ThreadedMotoServer
+
+pytest_plugins = ["tests.support.fixtures"]
 
 
 @pytest.fixture

@@ -7,7 +7,7 @@ import itertools
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tests.fakes import make_chunk
+from tests.support.fakes import make_chunk
 from transforms.bundle import BundleCaps, BundlePacker, make_bundle
 
 

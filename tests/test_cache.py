@@ -34,9 +34,11 @@ import pytest
 
 from pipeline.config import Config, parse_config
 from pipeline.graph import cache_spec
-from pipeline.local_server import EmbeddingServer, HashingEmbedder, Reply
+from pipeline.local_server import EmbeddingServer, Reply
 from pipeline.run import PREFLIGHT_TEXT, RunRequest, execute
-from tests.harness import MODEL, expected_chunks, make_config, read_output
+from tests.support.checks import assert_run_complete, embedding_matrix
+from tests.support.corpus import ExpectedCorpus
+from tests.support.harness import MODEL, expected_chunks, make_config, read_output
 from transforms.cache import read_segment
 from transforms.errors import ConfigError
 
@@ -170,8 +172,7 @@ def rows_by_id(output: Path) -> dict[str, dict[str, Any]]:
     manifest, tables = read_output(str(output))
     assert manifest["status"] == "complete"
     vectors = tables["vectors"]
-    matrix = np.asarray(vectors.column("embedding").combine_chunks().flatten()).reshape(
-        vectors.num_rows, -1)
+    matrix = embedding_matrix(vectors)
     rows = vectors.drop_columns(["embedding"]).to_pylist()
     ids = [r["id"] for r in rows]
     assert len(ids) == len(set(ids)), "chunk ids must be unique"
@@ -179,19 +180,12 @@ def rows_by_id(output: Path) -> dict[str, dict[str, Any]]:
 
 
 def check_complete_and_aligned(output: Path, documents: dict[str, str]) -> dict[str, dict]:
-    """Every chunk of ``documents`` exactly once, with its own text, offsets and vector."""
-    rows = rows_by_id(output)
-    chunks = expected_chunks(documents)
-    assert set(rows) == set(chunks)
-    ids = sorted(rows)
-    for i in ids:
-        row = rows[i]
-        assert row["text"] == chunks[i]
-        assert documents[row["doc_id"]][row["char_start"]:row["char_end"]] == row["text"]
-    got = np.stack([rows[i]["embedding"] for i in ids])
-    want = HashingEmbedder(dim=DIM).embed([rows[i]["text"] for i in ids])
-    np.testing.assert_allclose(got, want, atol=1e-6)
-    return rows
+    """Every chunk of ``documents`` exactly once, with its own text, offsets and vector (the
+    shared end-to-end checks); the vectors as id → row, ``embedding`` a numpy row."""
+    expected = ExpectedCorpus.of(documents, metadata=dict.fromkeys(documents, "en"))
+    run = assert_run_complete(str(output), expected, dim=DIM)
+    assert all("text" in row for row in run.vectors.values())  # the config includes text
+    return run.vectors
 
 
 def check_cache_counts(manifest: dict, rows: Mapping[str, dict], missed: set[str]) -> None:

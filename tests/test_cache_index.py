@@ -70,7 +70,7 @@ def test_written_segments_are_hits_for_this_process_and_the_next(tmp_path: Path)
         part = [chunk(t, start + i) for i, t in enumerate(texts[start:start + 256])]
         index.write([EmbeddedBatch(tuple(part), "m", vectors[start:start + 256])])
     assert len(list((tmp_path / "ns").glob("seg-run-a-*.arrow"))) == 3
-    probe = [chunk(t, i) for i, t in enumerate(texts[::7] + ["never embedded"])]
+    probe = [chunk(t, i) for i, t in enumerate([*texts[::7], "never embedded"])]
     hits, got = index.lookup(probe)
     assert hits == list(range(len(probe) - 1))
     np.testing.assert_array_equal(got, vectors[::7])

@@ -2,7 +2,7 @@
 
 Every test runs the whole pipeline through ``pipeline.run.execute`` and checks the committed
 output against an independent oracle: the corpus builder's expectations and the server's own
-embedder.
+embedder (:func:`tests.support.checks.assert_run_complete`).
 """
 
 from __future__ import annotations
@@ -18,93 +18,57 @@ from pathlib import Path
 from typing import Any
 
 import fsspec
-import numpy as np
-import pyarrow as pa
 import pytest
 
-from pipeline.local_server import EmbeddingServer, HashingEmbedder, Reply
+from pipeline.local_server import EmbeddingServer, Reply
 from pipeline.run import RunRequest, execute
-from tests.corpus import corpus_patterns, write_corpus
-from tests.harness import MODEL, expected_chunks, make_config, read_output
+from tests.support.checks import assert_run_complete
+from tests.support.corpus import ExpectedCorpus, corpus_patterns, write_corpus
+from tests.support.fixtures import Serve
+from tests.support.harness import MODEL, make_config
 
 
-def check_run(output: str, expected, server: EmbeddingServer,
+def check_run(output: str, expected: ExpectedCorpus, server: EmbeddingServer,
               storage_options: dict[str, Any] | None = None, *, exact_usage: bool = True) -> dict:
-    manifest, t = read_output(output, storage_options)
-    vectors, usage, rejects = t["vectors"], t["usage"], t["rejects"]
-    chunks = expected_chunks(expected.documents)
-
-    # One row per chunk, unique ids, exactly the chunks of the valid documents.
-    ids = vectors.column("id").to_pylist()
-    assert len(ids) == len(set(ids))
-    assert set(ids) == set(chunks)
-
-    # Each vector is the server's vector for that chunk's text.
-    texts = [chunks[i] for i in ids]
-    assert vectors.column("text").to_pylist() == texts
-    got = np.asarray(vectors.column("embedding").combine_chunks().flatten()).reshape(len(ids), -1)
-    want = HashingEmbedder(dim=server.dim).embed(texts)
-    np.testing.assert_allclose(got, want, atol=1e-6)
-    assert vectors.schema.field("embedding").type == pa.list_(pa.float32(), server.dim)
-
-    # Offsets slice the document text; metadata travels with the chunk.
-    rows = vectors.select(["doc_id", "char_start", "char_end", "text", "lang"]).to_pylist()
-    for row in rows:
-        assert expected.documents[row["doc_id"]][row["char_start"]:row["char_end"]] == row["text"]
-        assert row["lang"] == expected.metadata[row["doc_id"]]
-
-    # Each bad record is in rejects with its reason and source.
-    got_rejects = {r["source"]: r["reason"] for r in rejects.to_pylist()}
-    assert got_rejects == expected.rejects
+    """The shared end-to-end invariants (every chunk a vector, aligned with its text, offsets,
+    metadata and the server's vector; every bad record a reject; counts that add up), then
+    usage against what the server itself counted."""
+    run = assert_run_complete(output, expected, dim=server.dim, storage_options=storage_options)
+    vectors = run.tables["vectors"]
+    assert vectors is not None and "text" in vectors.column_names  # the runs include text
 
     # Usage: what the server counted is what the ok rows say.
-    ok = [r for r in usage.to_pylist() if r["outcome"] == "ok"]
+    ok = run.ok_usage
     if exact_usage:
         assert sum(r["prompt_tokens"] for r in ok) == server.stats.tokens
         assert not any(r["tokens_estimated"] for r in ok)
     # Identical chunk texts are sent once (the CJK document repeats itself): + the preflight.
-    assert sum(r["n_inputs"] for r in ok) == len(set(texts)) + 1
-
-    counts = manifest["counts"]
-    assert manifest["status"] == "complete"
-    assert counts["chunks"] == counts["chunks_embedded"] == vectors.num_rows
-    assert counts["chunks_failed"] == 0
-    assert counts["documents_read"] == expected.records
-    assert counts["documents_rejected"] == rejects.num_rows == len(expected.rejects)
-    assert counts["documents_valid"] == len(expected.documents)
-    assert counts["requests"] == usage.num_rows
-    assert manifest["usage"]["prompt_tokens"] == sum(r["prompt_tokens"] for r in ok)
-    assert manifest["dimensions"] == server.dim
-    return manifest
+    assert sum(r["n_inputs"] for r in ok) == len(set(run.chunks.values())) + 1
+    assert run.manifest["counts"]["chunks_failed"] == 0
+    return run.manifest
 
 
-@pytest.fixture
-def server():
-    with EmbeddingServer(dim=64, model=MODEL) as srv:
-        yield srv
-
-
-def test_local_files_end_to_end(tmp_path: Path, server: EmbeddingServer) -> None:
+def test_local_files_end_to_end(tmp_path: Path, embedding_server: EmbeddingServer) -> None:
     root = str(tmp_path / "corpus")
     expected = write_corpus(root)
     output = str(tmp_path / "out")
-    cfg = make_config(corpus_patterns(root), output, server.base_url,
+    cfg = make_config(corpus_patterns(root), output, embedding_server.base_url,
                       output={"include_text": True, "rows_per_file": 10})
     assert execute(RunRequest(cfg, quiet=True)) == 0
-    manifest = check_run(output, expected, server)
+    manifest = check_run(output, expected, embedding_server)
     vector_files = [f for f in manifest["files"] if f["kind"] == "vectors"]
     assert len(vector_files) > 1 and max(f["rows"] for f in vector_files) <= 10
     assert not (tmp_path / "out" / "_temporary").exists()
 
 
-def test_s3_end_to_end(s3_options: dict[str, Any], server: EmbeddingServer) -> None:
+def test_s3_end_to_end(s3_options: dict[str, Any], embedding_server: EmbeddingServer) -> None:
     root = "s3://corpus/in"
     expected = write_corpus(root, s3_options)
     output = "s3://corpus/out/run-1"
-    cfg = make_config(corpus_patterns(root), output, server.base_url, s3_options,
+    cfg = make_config(corpus_patterns(root), output, embedding_server.base_url, s3_options,
                       output={"include_text": True})
     assert execute(RunRequest(cfg, quiet=True)) == 0
-    check_run(output, expected, server, s3_options)
+    check_run(output, expected, embedding_server, s3_options)
     manifest_text = fsspec.open(f"{output}/manifest.json", "r", **s3_options).open().read()
     assert '"secret": "[REDACTED]"' in manifest_text
 
@@ -133,52 +97,55 @@ class ShufflingServer(EmbeddingServer):
         return Reply(reply.status, body, reply.headers)
 
 
-def test_shuffled_and_short_answers_stay_aligned(tmp_path: Path) -> None:
+def test_shuffled_and_short_answers_stay_aligned(tmp_path: Path, serve: Serve) -> None:
     root = str(tmp_path / "corpus")
     expected = write_corpus(root)
     output = str(tmp_path / "out")
-    with ShufflingServer(dim=64, model=MODEL) as srv:
-        cfg = make_config(corpus_patterns(root), output, srv.base_url,
-                          output={"include_text": True})
-        assert execute(RunRequest(cfg, quiet=True)) == 0
-        manifest = check_run(output, expected, srv, exact_usage=False)
-        assert srv.short_answers > 0
+    srv = serve(ShufflingServer, dim=64, model=MODEL)
+    cfg = make_config(corpus_patterns(root), output, srv.base_url,
+                      output={"include_text": True})
+    assert execute(RunRequest(cfg, quiet=True)) == 0
+    manifest = check_run(output, expected, srv, exact_usage=False)
+    assert srv.short_answers > 0
+    srv.stop()
     assert manifest["counts"]["retries"] >= srv.short_answers
 
 
-def test_refuses_to_overwrite_a_complete_run(tmp_path: Path, server: EmbeddingServer) -> None:
+def test_refuses_to_overwrite_a_complete_run(tmp_path: Path,
+                                             embedding_server: EmbeddingServer) -> None:
     root = str(tmp_path / "corpus")
     write_corpus(root)
     output = str(tmp_path / "out")
-    cfg = make_config(corpus_patterns(root), output, server.base_url)
+    cfg = make_config(corpus_patterns(root), output, embedding_server.base_url)
     assert execute(RunRequest(cfg, quiet=True)) == 0
     from transforms.errors import ConfigError
 
     with pytest.raises(ConfigError, match="--overwrite"):
         execute(RunRequest(cfg, quiet=True))
-    again = make_config(corpus_patterns(root), output, server.base_url,
+    again = make_config(corpus_patterns(root), output, embedding_server.base_url,
                         output={"overwrite": True})
     assert execute(RunRequest(again, quiet=True)) == 0
 
 
-def test_bad_key_exits_3_fast_and_never_shows_the_key(tmp_path: Path) -> None:
+def test_bad_key_exits_3_fast_and_never_shows_the_key(tmp_path: Path, serve: Serve) -> None:
     secret = "sk-test-THIS-KEY-MUST-NEVER-BE-LOGGED-0123456789"
     root = str(tmp_path / "corpus")
     write_corpus(root)
     output = tmp_path / "out"
-    with EmbeddingServer(dim=64, model=MODEL, api_key="sk-the-right-key-000000000000") as srv:
-        config = tmp_path / "config.json"
-        cfg = make_config(corpus_patterns(root), str(output), srv.base_url,
-                          provider={"api_key_env": "EMBEDPIPE_TEST_KEY"})
-        config.write_text(json.dumps(cfg.model_dump(by_alias=True, mode="json")))
-        env = {**os.environ, "EMBEDPIPE_TEST_KEY": secret}
-        t0 = time.monotonic()
-        proc = subprocess.run(
-            [sys.executable, "-m", "pipeline", "run", "--config", str(config)],
-            env=env, capture_output=True, text=True, timeout=60, check=False,
-            cwd=Path(__file__).parents[1],
-        )
-        elapsed = time.monotonic() - t0
+    srv = serve(EmbeddingServer, dim=64, model=MODEL, api_key="sk-the-right-key-000000000000")
+    config = tmp_path / "config.json"
+    cfg = make_config(corpus_patterns(root), str(output), srv.base_url,
+                      provider={"api_key_env": "EMBEDPIPE_TEST_KEY"})
+    config.write_text(json.dumps(cfg.model_dump(by_alias=True, mode="json")))
+    env = {**os.environ, "EMBEDPIPE_TEST_KEY": secret}
+    t0 = time.monotonic()
+    proc = subprocess.run(
+        [sys.executable, "-m", "pipeline", "run", "--config", str(config)],
+        env=env, capture_output=True, text=True, timeout=60, check=False,
+        cwd=Path(__file__).parents[1],
+    )
+    elapsed = time.monotonic() - t0
+    srv.stop()
     assert proc.returncode == 3, proc.stderr
     assert elapsed < 10
     assert "401" in proc.stderr and "EMBEDPIPE_TEST_KEY" in proc.stderr

@@ -22,8 +22,8 @@ import httpx
 import numpy as np
 import pytest
 
-from pipeline.local_server import DEFAULT_MODEL, HashingEmbedder
-from tests.fault_server import (
+from pipeline.local_server import DEFAULT_MODEL, HashingEmbedder, error_reply
+from tests.support.fault_server import (
     QUOTA_MESSAGE,
     FaultPlan,
     FaultServer,
@@ -49,11 +49,14 @@ DIM = 16
 
 @contextmanager
 def running(
-    plan: FaultPlan, *, timeout: float = 5.0
+    plan: FaultPlan, *, timeout: float = 5.0, **server_args: Any
 ) -> Iterator[tuple[FaultServer, httpx.Client]]:
-    """A live server for ``plan`` and a client of it; ``timeout`` is what makes an answer slow."""
+    """A live server for ``plan`` and a client of it; ``timeout`` is what makes an answer slow.
+
+    ``server_args`` go to the server: ``poison`` and ``faults``, the base's facilities.
+    """
     with (
-        FaultServer(plan, dim=DIM) as server,
+        FaultServer(plan, dim=DIM, **server_args) as server,
         httpx.Client(base_url=server.base_url, timeout=timeout) as client,
     ):
         yield server, client
@@ -286,8 +289,8 @@ def test_shuffled_answers_keep_each_vector_with_its_index() -> None:
 
 
 def test_a_poisoned_input_fails_the_whole_request_naming_its_index() -> None:
-    plan = FaultPlan(poison_marker="<<poison>>", rpm=600)  # a bucket of 20 requests
-    with running(plan) as (server, client):
+    plan = FaultPlan(rpm=600)  # a bucket of 20 requests
+    with running(plan, poison="<<poison>>") as (server, client):
         poisoned = embed(client, ["fine", "bad <<poison>> text", "fine too"])
         assert poisoned.status_code == 400
         error = poisoned.json()["error"]
@@ -392,7 +395,7 @@ def test_report_of_a_client_that_obeys_retry_after_shows_the_limit_saturated() -
 
 
 def test_runs_in_another_process_and_reports_over_http() -> None:
-    command = [sys.executable, "-m", "tests.fault_server", "--port", "0", "--rpm", "60",
+    command = [sys.executable, "-m", "tests.support.fault_server", "--port", "0", "--rpm", "60",
                "--latency", "0.01", "--p-500", "0"]
     with subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, text=True) as proc:
         try:
@@ -417,9 +420,38 @@ def test_runs_in_another_process_and_reports_over_http() -> None:
         ({"tpm": 0}, "tpm"),
         ({"burst_s": 0.0}, "burst_s"),
         ({"quota_after": -1}, "quota_after"),
-        ({"poison_marker": ""}, "poison_marker"),
     ],
 )
 def test_inconsistent_plans_are_refused(fields: dict[str, Any], message: str) -> None:
     with pytest.raises(ValueError, match=message):
         FaultPlan(**fields)
+
+
+def test_an_empty_poison_marker_is_refused() -> None:
+    with pytest.raises(ValueError, match="poison marker must not be empty"):
+        FaultServer(FaultPlan(), poison="")  # every input would contain it
+
+
+def test_a_scheduled_reply_pre_empts_the_plan_and_is_not_judged() -> None:
+    """The base's fault schedule works here as in every dialect: it answers before the plan."""
+    teapot = error_reply(418, "scripted", error_type="server_error")
+    with running(FaultPlan(rpm=600), faults={2: teapot}) as (server, client):
+        statuses = [embed(client, ["a"]).status_code for _ in range(3)]
+        stats = server.fault_stats
+        assert server.stats.texts == ("a", "a")
+    assert statuses == [200, 418, 200]
+    assert stats.requests == stats.counts[Outcome.OK] == 2  # the scripted one was not judged
+
+
+def test_the_poison_flag_of_the_command_line_poisons() -> None:
+    command = [sys.executable, "-m", "tests.support.fault_server", "--port", "0",
+               "--poison", "<<a>>", "--poison", "<<b>>"]
+    with subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, text=True) as proc:
+        try:
+            assert proc.stdout is not None
+            with httpx.Client(base_url=proc.stdout.readline().strip(), timeout=5) as client:
+                statuses = [embed(client, [text]).status_code
+                            for text in ("fine", "x <<b>>", "<<a>> y")]
+        finally:
+            proc.terminate()
+    assert statuses == [200, 400, 400]

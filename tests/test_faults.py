@@ -1,6 +1,6 @@
 """The whole pipeline against a server that breaks every promise at once, and one that runs dry.
 
-Server faults come from :mod:`tests.fault_server` (seeded): rate limits with Retry-After, 500s,
+Server faults come from :mod:`tests.support.fault_server` (seeded): rate limits with Retry-After, 500s,
 HTML 503s, connection resets, answers slower than the timeout, truncated JSON, one embedding too
 few, shuffled order, a poison marker that fails whole requests, and exhausted quota.
 """
@@ -10,15 +10,14 @@ from __future__ import annotations
 import json
 import time
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 
-import numpy as np
-
-from pipeline.local_server import HashingEmbedder
 from pipeline.run import PREFLIGHT_TEXT, RunRequest, execute
-from tests.corpus import corpus_patterns, long_text, write_corpus
-from tests.fault_server import FaultPlan, FaultServer, Outcome
-from tests.harness import MODEL, expected_chunks, make_config, read_output
+from tests.support.checks import assert_run_complete
+from tests.support.corpus import corpus_patterns, long_text, write_corpus
+from tests.support.fault_server import FaultPlan, FaultServer, Outcome
+from tests.support.harness import MODEL, expected_chunks, make_config
 
 POISON = "XPOISONX"
 
@@ -42,16 +41,11 @@ def add_short_documents(root: str, n: int) -> dict[str, str]:
     return docs
 
 
-def vectors_of(table) -> np.ndarray:
-    return np.asarray(table.column("embedding").combine_chunks().flatten()).reshape(table.num_rows, -1)
-
-
-def test_every_fault_at_once(tmp_path: Path) -> None:
+def test_every_fault_at_once(tmp_path: Path, fault_server: Callable[..., FaultServer]) -> None:
     root = str(tmp_path / "corpus")
-    expected = write_corpus(root)
-    documents = {**expected.documents, **add_poisoned_document(root),
-                 **add_short_documents(root, 80)}
-    chunks = expected_chunks(documents)
+    expected = write_corpus(root).plus(add_poisoned_document(root)).plus(
+        add_short_documents(root, 80))
+    chunks = expected_chunks(expected.documents)
     poisoned = {i for i, text in chunks.items() if POISON in text}
     assert poisoned and len([i for i in chunks if i.startswith("poisoned#")]) > len(poisoned)
 
@@ -59,17 +53,17 @@ def test_every_fault_at_once(tmp_path: Path) -> None:
     # gets through a one-in-ten-million event, so every valid chunk must end embedded.
     plan = FaultPlan(seed=3, rpm=6000, tpm=400_000, burst_s=0.5, latency_s=0.005,
                      p_500=0.1, p_503_html=0.1, p_reset=0.1, p_slow=0.1, slow_s=2.0,
-                     p_truncated=0.1, p_short=0.1, p_shuffle=0.15, poison_marker=POISON)
-    with FaultServer(plan, dim=32, model=MODEL) as server:
-        cfg = make_config(corpus_patterns(root), str(tmp_path / "out"), server.base_url,
-                          provider={"timeout_s": 0.5, "max_inputs_per_request": 2},
-                          retry={"max_attempts": 40, "max_wait_s": 0.1, "initial_wait_s": 0.01},
-                          limits={"max_concurrency": 4},
-                          output={"include_text": True})
-        code = execute(RunRequest(cfg, quiet=True))
-        stats = server.fault_stats
-        time.sleep(plan.slow_s)  # let slow answers finish before the server stops
-    manifest, t = read_output(str(tmp_path / "out"))
+                     p_truncated=0.1, p_short=0.1, p_shuffle=0.15)
+    server = fault_server(plan, dim=32, model=MODEL, poison=POISON)
+    cfg = make_config(corpus_patterns(root), str(tmp_path / "out"), server.base_url,
+                      provider={"timeout_s": 0.5, "max_inputs_per_request": 2},
+                      retry={"max_attempts": 40, "max_wait_s": 0.1, "initial_wait_s": 0.01},
+                      limits={"max_concurrency": 4},
+                      output={"include_text": True})
+    code = execute(RunRequest(cfg, quiet=True))
+    stats = server.fault_stats
+    time.sleep(plan.slow_s)  # let slow answers finish before the server stops
+    server.stop()
     assert code == 1  # because of the poison
 
     # Every fault kind was met.
@@ -77,55 +71,43 @@ def test_every_fault_at_once(tmp_path: Path) -> None:
                     Outcome.TRUNCATED, Outcome.SHORT, Outcome.SHUFFLED, Outcome.POISONED):
         assert stats.counts.get(outcome, 0) > 0, outcome
 
-    # Every valid chunk has its own vector, once; the poison chunks alone are rejected.
-    ids = t["vectors"].column("id").to_pylist()
-    assert len(ids) == len(set(ids))
-    assert set(ids) == set(chunks) - poisoned
-    texts = t["vectors"].column("text").to_pylist()
-    np.testing.assert_allclose(vectors_of(t["vectors"]), HashingEmbedder(dim=32).embed(texts),
-                               atol=1e-6)
-    embed_rejects = [r for r in t["rejects"].to_pylist() if r["stage"] == "embed"]
-    assert {r["id"] for r in embed_rejects} == poisoned
-    assert {r["reason"] for r in embed_rejects} == {"provider_rejected"}
+    # Every valid chunk has its own vector, once, aligned; the poison chunks alone are rejected.
+    run = assert_run_complete(str(tmp_path / "out"), expected, dim=32, failed=poisoned)
+    assert {r["reason"] for r in run.embed_rejects.values()} == {"provider_rejected"}
 
     # One usage row per HTTP attempt: as many as the server saw embedding requests.
-    usage = t["usage"].to_pylist()
+    usage = run.tables["usage"].to_pylist()
     assert len(usage) == stats.requests
-    assert sum(1 for u in usage if u["outcome"] == "ok") == stats.served_requests
+    assert len(run.ok_usage) == stats.served_requests
     # Each distinct text was served once (identical chunk texts are sent once).
     served = Counter(stats.served_texts)
     served[PREFLIGHT_TEXT] -= 1
     assert +served == Counter({text: 1 for i, text in chunks.items() if i not in poisoned})
-    assert manifest["counts"]["chunks_embedded"] == len(ids)
-    assert manifest["counts"]["chunks_failed"] == len(poisoned)
 
 
-def test_quota_exhausted_mid_run_aborts_and_keeps_finished_work(tmp_path: Path) -> None:
+def test_quota_exhausted_mid_run_aborts_and_keeps_finished_work(
+        tmp_path: Path, fault_server: Callable[..., FaultServer]) -> None:
     root = str(tmp_path / "corpus")
     expected = write_corpus(root)
     chunks = expected_chunks(expected.documents)
     plan = FaultPlan(seed=1, latency_s=0.01, quota_after=4)  # the preflight and 3 requests
-    with FaultServer(plan, dim=32, model=MODEL) as server:
-        cfg = make_config(corpus_patterns(root), str(tmp_path / "out"), server.base_url,
-                          provider={"max_inputs_per_request": 4},
-                          limits={"max_concurrency": 1}, output={"include_text": True})
-        t0 = time.monotonic()
-        code = execute(RunRequest(cfg, quiet=True))
-        elapsed = time.monotonic() - t0
+    server = fault_server(plan, dim=32, model=MODEL)
+    cfg = make_config(corpus_patterns(root), str(tmp_path / "out"), server.base_url,
+                      provider={"max_inputs_per_request": 4},
+                      limits={"max_concurrency": 1}, output={"include_text": True})
+    t0 = time.monotonic()
+    code = execute(RunRequest(cfg, quiet=True))
+    elapsed = time.monotonic() - t0
+    server.stop()
     assert code == 3
     assert elapsed < 60
-    manifest, t = read_output(str(tmp_path / "out"))
-    assert manifest["status"] == "aborted"
-    assert "quota" in manifest["error"]
-    # What finished before the quota ran out is committed, aligned and readable.
-    vectors = t["vectors"]
-    assert 0 < vectors.num_rows < len(chunks)
-    texts = vectors.column("text").to_pylist()
-    np.testing.assert_allclose(vectors_of(vectors), HashingEmbedder(dim=32).embed(texts), atol=1e-6)
-    # Nothing is lost: every other chunk is an `aborted` reject.
-    rejected = {r["id"]: r["reason"] for r in t["rejects"].to_pylist() if r["stage"] == "embed"}
-    assert set(rejected.values()) == {"aborted"}
-    assert set(rejected) | set(vectors.column("id").to_pylist()) == set(chunks)
+    # What finished before the quota ran out is committed, aligned and readable; nothing is
+    # lost: every other chunk is an `aborted` reject.
+    run = assert_run_complete(str(tmp_path / "out"), expected, dim=32, failed=None,
+                              status="aborted")
+    assert "quota" in run.manifest["error"]
+    assert 0 < len(run.vectors) < len(chunks)
+    assert {r["reason"] for r in run.embed_rejects.values()} == {"aborted"}
     # After the fatal answer, nothing more was sent.
-    usage = t["usage"].to_pylist()
+    usage = run.tables["usage"].to_pylist()
     assert sum(1 for u in usage if u["http_status"] == 429) == 1

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.fakes import FakeClock
+from tests.support.fakes import FakeClock
 from transforms.limits import RateLimiter, RateLimits
 
 

@@ -10,8 +10,8 @@ import apache_beam as beam
 from pipeline.graph import RunContext, build_pipeline
 from pipeline.local_server import EmbeddingServer
 from pipeline.run import beam_options, pipeline_metrics
-from tests.corpus import corpus_patterns, write_corpus
-from tests.harness import MODEL, make_config, read_output
+from tests.support.corpus import corpus_patterns, write_corpus
+from tests.support.harness import MODEL, make_config, read_output
 
 
 def test_metrics_match_the_written_output(tmp_path: Path) -> None:

@@ -10,8 +10,8 @@ import pytest
 from pipeline.cli import main
 from pipeline.local_server import EmbeddingServer
 from pipeline.run import RunRequest, execute
-from tests.corpus import corpus_patterns, write_corpus
-from tests.harness import MODEL, make_config, read_output
+from tests.support.corpus import corpus_patterns, write_corpus
+from tests.support.harness import MODEL, make_config, read_output
 
 
 def test_plan_matches_the_run_and_sends_nothing(tmp_path: Path,

@@ -38,20 +38,13 @@ the DataflowRunner's own translation (``--dry_run``) where ``apache-beam[gcp]`` 
 
 from __future__ import annotations
 
-import base64
-import binascii
-import bz2
 import json
 import os
-import re
 import secrets
-import signal
 import socket
-import subprocess
 import sys
 import threading
 import time
-import zlib
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -63,28 +56,33 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from apache_beam.internal import pickler
 from apache_beam.options.pipeline_options import PipelineOptions
 from apache_beam.portability import common_urns, python_urns
 from apache_beam.portability.api import beam_runner_api_pb2
 from apache_beam.runners.pipeline_utils import group_by_key_input_visitor
 from apache_beam.runners.portability.fn_api_runner import translations
 from apache_beam.transforms import environments
-from google.protobuf import wrappers_pb2
 
 from pipeline.config import load_config
 from pipeline.graph import RunContext, build_pipeline, embed_settings
 from pipeline.local_server import EmbeddingServer
 from pipeline.run import RunRequest, beam_options, execute, resolve_workers
-from tests.corpus import corpus_patterns, write_corpus
-from tests.harness import MODEL, expected_chunks, make_config, read_output
+from tests.support.beam_services import (
+    JOB_SERVER_HONOURING_NUM_WORKERS,
+    WorkerPool,
+    env_without,
+    start_job_server,
+    start_worker_pool,
+)
+from tests.support.checks import assert_run_complete
+from tests.support.corpus import ExpectedCorpus, corpus_patterns, write_corpus
+from tests.support.harness import MODEL, expected_chunks, make_config, read_output
+from tests.support.pickle_scan import contains_key, unpickled_objects
 from transforms.manifest import utc_now
 
 KEY_ENV = "EMBEDPIPE_RUNNERS_TEST_KEY"
 API_KEY = f"sk-runners-{secrets.token_hex(16)}"  # fresh per session: any trace of it is a leak
 DIM = 64
-VENV_BIN = str(Path(sys.executable).parent)
-STARTUP_TIMEOUT_S = 60.0
 RUN_TIMEOUT_S = 180.0
 THIS_PROCESS = f"{socket.gethostname()}:{os.getpid()}"  # the `worker` of in-process usage rows
 
@@ -114,7 +112,7 @@ def server(api_key: str) -> Iterator[EmbeddingServer]:
 class Corpus:
     root: Path
     patterns: list[str]
-    expected: Any
+    expected: ExpectedCorpus
 
 
 @pytest.fixture(scope="module")
@@ -180,110 +178,9 @@ def reference(tmp_path_factory: pytest.TempPathFactory, corpus: Corpus,
     """The default runner (in-memory FnApiRunner): what every other runner must reproduce."""
     ref = run_with(tmp_path_factory, "in_memory", corpus, server, [])
     assert ref.exit_code == 0
-    assert ref.manifest["status"] == "complete"
-    chunks = expected_chunks(corpus.expected.documents)
-    assert set(ref.tables["vectors"].column("id").to_pylist()) == set(chunks)
+    assert_run_complete(str(ref.output), corpus.expected, dim=DIM)  # every chunk, aligned
     assert ref.workers == {THIS_PROCESS}
     return ref
-
-
-class Service:
-    """A subprocess we start, in its own process group (so the SDK workers it spawns are ours
-    too), with its output in a log file."""
-
-    def __init__(self, argv: list[str], env: dict[str, str], log: Path) -> None:
-        self.log = log
-        with open(log, "wb") as handle:
-            self.proc = subprocess.Popen(argv, env=env, stdout=handle, stderr=subprocess.STDOUT,
-                                         stdin=subprocess.DEVNULL, start_new_session=True)
-
-    def _died(self, what: str) -> RuntimeError:
-        return RuntimeError(f"{what} (exit code {self.proc.poll()}); log:\n"
-                            f"{self.log.read_text(errors='replace')}")
-
-    def wait_for(self, pattern: str, path: Path | None = None) -> re.Match[str]:
-        """Until the file at ``path`` (default: the log; or a port file) matches ``pattern``."""
-        path = path or self.log
-        deadline = time.monotonic() + STARTUP_TIMEOUT_S
-        while time.monotonic() < deadline:
-            found = re.search(pattern, path.read_text() if path.exists() else "", re.MULTILINE)
-            if found:
-                return found
-            if self.proc.poll() is not None:
-                break
-            time.sleep(0.1)
-        raise self._died(f"no {pattern!r} in {path.name}")
-
-    def wait_for_port(self, port: int) -> None:
-        """Until 127.0.0.1:port accepts connections."""
-        deadline = time.monotonic() + STARTUP_TIMEOUT_S
-        while time.monotonic() < deadline and self.proc.poll() is None:
-            try:
-                with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-                    return
-            except OSError:
-                time.sleep(0.1)
-        raise self._died(f"127.0.0.1:{port} does not accept connections")
-
-    def stop(self) -> None:
-        """SIGTERM, then SIGKILL, to the process group we started (only that group)."""
-        try:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            self.proc.wait(timeout=10)
-        except ProcessLookupError:
-            pass
-        except subprocess.TimeoutExpired:
-            pass
-        try:  # SDK worker processes the pool started may outlive it: they are in the group
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        if self.proc.poll() is None:
-            self.proc.wait(timeout=10)
-
-
-# Beam's Python job server (local_job_service) runs every job on a FnApiRunner through
-# ``run_via_runner_api``, which never reads ``--direct_num_workers`` or ``--sdk_worker_parallelism``:
-# it starts exactly one SDK worker per environment (Beam 2.77, fn_runner.py: ``_num_workers = 1``
-# unless ``run_pipeline`` is the entry point). To see an EXTERNAL worker pool serve a job with two
-# SDK worker processes, as Flink's task slots would, the second job server below is the same
-# module with that one knob honoured: nothing else in Beam is changed.
-_JOB_SERVER_HONOURING_NUM_WORKERS = """
-import logging, signal, sys
-from apache_beam.options.pipeline_options import DirectOptions
-from apache_beam.runners.portability import local_job_service, local_job_service_main
-from apache_beam.runners.portability.fn_api_runner import fn_runner
-
-class FnApiRunner(fn_runner.FnApiRunner):
-    def run_via_runner_api(self, pipeline_proto, options):
-        self._num_workers = int(options.view_as(DirectOptions).direct_num_workers or 1)
-        return super().run_via_runner_api(pipeline_proto, options)
-
-patched = type(sys)("fn_runner")  # the job service's view of fn_runner, with this FnApiRunner
-patched.__dict__.update(vars(fn_runner), FnApiRunner=FnApiRunner)
-local_job_service.fn_runner = patched
-signal.signal(signal.SIGTERM, lambda *args: sys.exit(0))
-logging.basicConfig()
-logging.getLogger().setLevel(logging.INFO)
-local_job_service_main.run(sys.argv[1:])
-"""
-
-
-@dataclass
-class WorkerPool:
-    address: str
-
-
-def _worker_pool(logs: Path, env: dict[str, str]) -> Iterator[WorkerPool]:
-    log = logs / "worker-pool.log"
-    pool = Service([sys.executable, "-m", "apache_beam.runners.worker.worker_pool_main",
-                    "--service_port=0"], env, log)
-    try:
-        port = int(pool.wait_for(r"worker pool servicer at port: [^:\s]+:(\d+)").group(1))
-        pool.wait_for_port(port)
-        yield WorkerPool(f"localhost:{port}")
-    finally:
-        pool.stop()
 
 
 @pytest.fixture(scope="module")
@@ -294,42 +191,25 @@ def worker_pool(tmp_path_factory: pytest.TempPathFactory, api_key: str) -> Itera
     (which run the DoFns) inherit it. The pool starts workers as ``python -c ...`` from ``PATH``,
     so this venv's ``bin`` goes first.
     """
-    yield from _worker_pool(tmp_path_factory.mktemp("worker-pool"),
-                            {**_env_without_key(), KEY_ENV: api_key})
-
-
-def _env_without_key() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k != KEY_ENV}
-    env["PATH"] = VENV_BIN + os.pathsep + env.get("PATH", "")
-    return env
-
-
-def _job_server(logs: Path, argv: list[str]) -> Iterator[str]:
-    """A Beam job-server process on loopback (without the API key: it runs no DoFn)."""
-    port_file = logs / "job.port"
-    log = logs / "job-server.log"
-    job = Service([*argv, "--port=0", f"--port_file={port_file}"], _env_without_key(), log)
-    try:
-        port = int(job.wait_for(r"^\d+$", port_file).group(0))
-        job.wait_for_port(port)
-        yield f"localhost:{port}"
-    finally:
-        job.stop()
+    yield from start_worker_pool(tmp_path_factory.mktemp("worker-pool"),
+                                 {**env_without(KEY_ENV), KEY_ENV: api_key})
 
 
 @pytest.fixture(scope="module")
 def job_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """Beam's own job server, as shipped."""
-    yield from _job_server(tmp_path_factory.mktemp("job-server"),
-                           [sys.executable, "-m",
-                            "apache_beam.runners.portability.local_job_service_main"])
+    yield from start_job_server(tmp_path_factory.mktemp("job-server"),
+                                [sys.executable, "-m",
+                                 "apache_beam.runners.portability.local_job_service_main"],
+                                env_without(KEY_ENV))  # the job server runs no DoFn: no key
 
 
 @pytest.fixture(scope="module")
 def job_server_n_workers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """Beam's job server that starts ``--direct_num_workers`` SDK workers per environment."""
-    yield from _job_server(tmp_path_factory.mktemp("job-server-n"),
-                           [sys.executable, "-c", _JOB_SERVER_HONOURING_NUM_WORKERS])
+    yield from start_job_server(tmp_path_factory.mktemp("job-server-n"),
+                                [sys.executable, "-c", JOB_SERVER_HONOURING_NUM_WORKERS],
+                                env_without(KEY_ENV))
 
 
 # -- comparing two runs --------------------------------------------------------------------------
@@ -350,9 +230,9 @@ def reject_rows(run: RunOutput) -> Counter[tuple[str, str]]:
     return Counter((r["source"], r["reason"]) for r in run.tables["rejects"].to_pylist())
 
 
-def assert_same_output(run: RunOutput, ref: RunOutput) -> None:
+def assert_same_output(run: RunOutput, ref: RunOutput, corpus: Corpus) -> None:
     assert run.exit_code == 0
-    assert run.manifest["status"] == "complete"
+    assert_run_complete(str(run.output), corpus.expected, dim=DIM)  # complete and aligned
     assert run.manifest["run_id"] != ref.manifest["run_id"]
     assert chunk_rows(run) == chunk_rows(ref)
     ids, got = vectors_by_id(run)
@@ -374,9 +254,6 @@ def assert_same_output(run: RunOutput, ref: RunOutput) -> None:
     cache = run.manifest.get("cache") or {}
     if cache:  # each run has its own cache, beside its own output: nothing was served from it
         assert cache.get("hits") == 0 and cache["path"].startswith(str(run.output.parent))
-    counts = run.manifest["counts"]
-    assert counts["chunks"] == counts["chunks_embedded"] == run.tables["vectors"].num_rows
-    assert counts["requests"] == run.tables["usage"].num_rows
     # However the requests were cut, the same texts were sent once each (+ the preflight).
     def inputs_sent(r: RunOutput) -> int:
         return sum(u["n_inputs"] for u in r.tables["usage"].to_pylist() if u["outcome"] == "ok")
@@ -397,7 +274,7 @@ def test_portable_runner_embedded_job_service(tmp_path_factory, corpus, server, 
     run = run_with(tmp_path_factory, "portable_embedded", corpus, server,
                    ["--runner=PortableRunner", "--job_endpoint=embed",
                     "--environment_type=LOOPBACK"])
-    assert_same_output(run, reference)
+    assert_same_output(run, reference, corpus)
     # LOOPBACK runs the SDK worker in the launching process: one process, this one.
     assert run.workers == {THIS_PROCESS}
 
@@ -413,7 +290,7 @@ def test_portable_runner_job_server_and_external_worker_pool(tmp_path_factory, c
                    ["--runner=PortableRunner", f"--job_endpoint={job_server}",
                     "--environment_type=EXTERNAL", f"--environment_config={worker_pool.address}",
                     "--sdk_worker_parallelism=2"])
-    assert_same_output(run, reference)
+    assert_same_output(run, reference, corpus)
     # The DoFns ran in the pool's worker process, which read the key from its environment.
     assert len(run.workers) >= 1 and THIS_PROCESS not in run.workers
 
@@ -427,7 +304,7 @@ def test_portable_runner_job_server_two_external_workers(tmp_path_factory, corpu
                     "--environment_type=EXTERNAL", f"--environment_config={worker_pool.address}",
                     "--direct_num_workers=2"],
                    limits={"workers": 2})  # the PortableRunner's options do not say it
-    assert_same_output(run, reference)
+    assert_same_output(run, reference, corpus)
     assert run.manifest["config"]["limits"]["workers"] == 2
     assert THIS_PROCESS not in run.workers
     assert len(run.workers) >= 2, run.workers
@@ -438,7 +315,7 @@ def test_workers_without_the_key_abort_even_though_the_launcher_has_it(
     """The key does not travel with the job: the launcher has it (its preflight passes), the
     worker pool does not, so the workers stop at once, exit 3, naming the variable."""
     logs = tmp_path_factory.mktemp("worker-pool-without-key")
-    pool = _worker_pool(logs, _env_without_key())
+    pool = start_worker_pool(logs, env_without(KEY_ENV))
     address = next(pool).address
     try:
         run = run_with(tmp_path_factory, "portable_job_server_no_key", corpus, server,
@@ -447,9 +324,11 @@ def test_workers_without_the_key_abort_even_though_the_launcher_has_it(
     finally:
         pool.close()
     assert run.exit_code == 3
-    assert run.manifest["status"] == "aborted"
+    # Nothing embedded, nothing lost: every chunk is an `aborted` reject.
+    checked = assert_run_complete(str(run.output), corpus.expected, dim=DIM, status="aborted",
+                                  failed=expected_chunks(corpus.expected.documents))
     assert f"environment variable {KEY_ENV} is not set on worker" in run.manifest["error"]
-    assert run.tables["vectors"] is None or run.tables["vectors"].num_rows == 0
+    assert {r["reason"] for r in checked.embed_rejects.values()} == {"aborted"}
     reasons = Counter(run.tables["rejects"].column("reason").to_pylist())
     assert reasons["aborted"] == run.manifest["counts"]["chunks"]
     assert run.workers == set()  # no request left a worker: only the preflight's usage row
@@ -464,7 +343,7 @@ def test_fn_api_runner_multi_processing_two_workers(tmp_path_factory, corpus, se
     """
     args = ["--direct_running_mode=multi_processing", "--direct_num_workers=2"]
     run = run_with(tmp_path_factory, "multi_processing", corpus, server, args)
-    assert_same_output(run, reference)
+    assert_same_output(run, reference, corpus)
     assert THIS_PROCESS not in run.workers
     assert len(run.workers) >= 2, run.workers
     # Each process took half of the rate budget.
@@ -485,97 +364,6 @@ DATAFLOW_ARGS = [
 # Never submitted. Where apache-beam[gcp] is installed, building a Pipeline for Dataflow asks GCS
 # about the temp bucket (minutes of timeouts offline) unless it is a dry run.
 OFFLINE_DATAFLOW_ARGS = [*DATAFLOW_ARGS, "--dry_run=True"]
-PICKLED_URNS = {python_urns.PICKLED_CODER, python_urns.PICKLED_COMBINE_FN,
-                python_urns.PICKLED_DOFN, python_urns.PICKLED_DOFN_INFO,
-                python_urns.PICKLED_SOURCE, python_urns.PICKLED_TRANSFORM,
-                python_urns.PICKLED_WINDOW_MAPPING_FN, python_urns.PICKLED_WINDOWFN,
-                python_urns.PICKLED_VIEWFN}
-# Payloads that are themselves protos holding FunctionSpecs (DoFns, CombineFns, WindowFns).
-NESTED_PAYLOADS = {
-    common_urns.primitives.PAR_DO.urn: beam_runner_api_pb2.ParDoPayload,
-    common_urns.primitives.ASSIGN_WINDOWS.urn: beam_runner_api_pb2.WindowIntoPayload,
-    common_urns.deprecated_primitives.READ.urn: beam_runner_api_pb2.ReadPayload,
-    common_urns.composites.COMBINE_PER_KEY.urn: beam_runner_api_pb2.CombinePayload,
-    common_urns.composites.COMBINE_GLOBALLY.urn: beam_runner_api_pb2.CombinePayload,
-    common_urns.combine_components.COMBINE_PER_KEY_PRECOMBINE.urn:
-        beam_runner_api_pb2.CombinePayload,
-    common_urns.combine_components.COMBINE_PER_KEY_MERGE_ACCUMULATORS.urn:
-        beam_runner_api_pb2.CombinePayload,
-    common_urns.combine_components.COMBINE_PER_KEY_EXTRACT_OUTPUTS.urn:
-        beam_runner_api_pb2.CombinePayload,
-    common_urns.combine_components.COMBINE_GROUPED_VALUES.urn: beam_runner_api_pb2.CombinePayload,
-}
-
-
-def function_specs(message) -> Iterator[beam_runner_api_pb2.FunctionSpec]:
-    """Every FunctionSpec in a runner API proto, those inside known payloads included."""
-    for field, value in message.ListFields():
-        if field.type != field.TYPE_MESSAGE:
-            continue
-        if hasattr(value, "ListFields"):  # one message
-            values = [value]
-        elif hasattr(value, "keys"):  # a map
-            values = list(value.values())
-        else:  # a repeated field
-            values = list(value)
-        for item in values:
-            if not hasattr(item, "ListFields"):
-                continue
-            if isinstance(item, beam_runner_api_pb2.FunctionSpec):
-                yield item
-                nested = NESTED_PAYLOADS.get(item.urn)
-                if nested is not None and item.payload:
-                    yield from function_specs(nested.FromString(item.payload))
-            else:
-                yield from function_specs(item)
-
-
-def encoded_pickle(spec: beam_runner_api_pb2.FunctionSpec) -> bytes:
-    """Beam's encoding of the pickle in a pickled FunctionSpec: base64 of a compressed pickle,
-    for CombineFns, WindowFns and coders wrapped in a BytesValue, for coders after ``Name$``."""
-    payload = spec.payload
-    try:
-        base64.b64decode(payload, validate=True)
-    except binascii.Error:
-        payload = wrappers_pb2.BytesValue.FromString(payload).value
-    if spec.urn == python_urns.PICKLED_CODER:
-        payload = payload.split(b"$", 1)[1]
-    return payload
-
-
-def raw_pickle(encoded: bytes) -> tuple[bytes, bool]:
-    """The pickle itself, and whether it was zlib- (else bz2-) compressed."""
-    data = base64.b64decode(encoded, validate=True)
-    if data.startswith(b"BZh"):
-        return bz2.decompress(data), False
-    return zlib.decompress(data), True
-
-
-def contains_key(data: bytes, key: str) -> bool:
-    return key.encode() in data or key[8:24].encode() in data
-
-
-def unpickled_objects(proto: beam_runner_api_pb2.Pipeline, key: str) -> tuple[list[Any], list[str]]:
-    """Every pickled Python object of the pipeline, unpickled, pickled again and loaded back
-    (an object that does not survive the trip fails the test), and the urns of the pickles that
-    hold the key. Base64 and compression hide a key from a search of the proto's bytes, so each
-    pickle is opened and searched."""
-    objects, leaks = [], []
-    for spec in function_specs(proto):
-        if spec.urn not in PICKLED_URNS or not spec.payload:
-            continue
-        encoded = encoded_pickle(spec)
-        raw, use_zlib = raw_pickle(encoded)
-        if contains_key(raw, key):
-            leaks.append(spec.urn)
-        obj = pickler.loads(encoded, use_zlib=use_zlib)
-        if spec.urn == python_urns.PICKLED_DOFN_INFO:
-            obj = obj[0]  # (DoFn, args, kwargs, side inputs, windowing)
-        again = pickler.loads(pickler.dumps(obj))
-        assert type(again) is type(obj), spec.urn
-        objects.append(obj)
-    return objects, leaks
-
 
 def test_dataflow_graph_translates_offline(api_key: str) -> None:
     """configs/dataflow.yaml, built for the DataflowRunner and translated without submitting.

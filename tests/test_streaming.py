@@ -18,10 +18,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline.local_server import EmbeddingServer, HashingEmbedder
+from pipeline.local_server import EmbeddingServer
 from pipeline.run import PREFLIGHT_TEXT, RunRequest, execute
 from pipeline.verify import verify_output
-from tests.harness import MODEL, make_config, read_output
+from tests.support.checks import assert_run_complete
+from tests.support.corpus import ExpectedCorpus
+from tests.support.fixtures import Serve
+from tests.support.harness import MODEL, make_config
 
 MULTI = ["--direct_running_mode=multi_processing", "--direct_num_workers=2"]
 WORDS = ["orbit", "comet", "nebula", "galaxy", "sauce", "butter", "garlic", "bond", "yield",
@@ -87,80 +90,78 @@ def run_once(patterns: list[str], output: Path, server: EmbeddingServer, beam_ar
 
 @pytest.mark.parametrize("beam_args", [[], MULTI], ids=["one_process", "two_processes"])
 def test_duplicate_ids_across_files_and_ranges_keep_the_earliest_version(
-        tmp_path: Path, beam_args: list[str]) -> None:
+        tmp_path: Path, beam_args: list[str], serve: Serve) -> None:
     patterns, winners, losers = duplicated_corpus(tmp_path / "corpus")
-    with EmbeddingServer(dim=16, model=MODEL) as server:
-        manifest = run_once(patterns, tmp_path / "out", server, beam_args,
-                            input={"range_bytes": 2048, "metadata_fields": []})
-    _, tables = read_output(str(tmp_path / "out"))
-    vectors = tables["vectors"].to_pylist()
+    server = serve(EmbeddingServer, dim=16, model=MODEL)
+    manifest = run_once(patterns, tmp_path / "out", server, beam_args,
+                        input={"range_bytes": 2048, "metadata_fields": []})
+    server.stop()
+    # Every winning version is one aligned vector, every losing one a duplicate_id reject.
+    expected = ExpectedCorpus.of({doc_id: text for doc_id, (_, text) in winners.items()},
+                                 rejects=dict.fromkeys(losers, "duplicate_id"))
+    run = assert_run_complete(str(tmp_path / "out"), expected, dim=16)
+    vectors = list(run.vectors.values())
     assert sorted(r["doc_id"] for r in vectors) == sorted(winners)  # one chunk each
     for row in vectors:
         assert (row["source"], row["text"]) == winners[row["doc_id"]], row["doc_id"]
-    want = HashingEmbedder(dim=16).embed([r["text"] for r in vectors])
-    np.testing.assert_allclose([r["embedding"] for r in vectors], want, atol=1e-6)
 
-    rejects = tables["rejects"].to_pylist()
-    assert {r["source"] for r in rejects} == losers
-    assert {r["reason"] for r in rejects} == {"duplicate_id"}
+    rejects = run.tables["rejects"].to_pylist()
     assert all(r["id"] == r["doc_id"] for r in rejects)
-    counts = manifest["counts"]
-    assert counts["documents_read"] == len(winners) + len(losers)
-    assert counts["documents_valid"] == len(winners)
-    assert counts["documents_rejected"] == len(losers)
-    assert counts["chunks"] == counts["chunks_embedded"] == len(winners)
-    assert counts["chunks_failed"] == 0
+    assert manifest["counts"]["chunks"] == len(winners)
+    assert manifest["counts"]["chunks_failed"] == 0
     assert manifest["rejects_by_reason"] == {"duplicate_id": len(losers)}
     assert verify_output(str(tmp_path / "out")) == []
     assert not (tmp_path / "out" / "_temporary").exists()
 
 
-def test_a_cache_far_larger_than_the_run_serves_every_hit(tmp_path: Path) -> None:
+def test_a_cache_far_larger_than_the_run_serves_every_hit(tmp_path: Path, serve: Serve) -> None:
     big = [(f"doc-{n:05d}", sentence(n)) for n in range(1500)]
     write_jsonl(tmp_path / "big" / "docs.jsonl", big)
     small = big[700:800] + [(f"new-{n}", sentence(90_000 + n)) for n in range(20)]
     write_jsonl(tmp_path / "small" / "docs.jsonl", small)
     cache = {"cache": {"path": str(tmp_path / "cache")}}
-    with EmbeddingServer(dim=16, model=MODEL) as server:
-        run_once([str(tmp_path / "big" / "docs.jsonl")], tmp_path / "out1", server, [], **cache)
-        mark = len(server.stats.texts)
-        manifest = run_once([str(tmp_path / "small" / "docs.jsonl")], tmp_path / "out2", server,
-                            [], **cache)
-        sent = Counter(t for t in server.stats.texts[mark:] if t != PREFLIGHT_TEXT)
+    server = serve(EmbeddingServer, dim=16, model=MODEL)
+    run_once([str(tmp_path / "big" / "docs.jsonl")], tmp_path / "out1", server, [], **cache)
+    mark = len(server.stats.texts)
+    manifest = run_once([str(tmp_path / "small" / "docs.jsonl")], tmp_path / "out2", server,
+                        [], **cache)
+    sent = Counter(t for t in server.stats.texts[mark:] if t != PREFLIGHT_TEXT)
+    server.stop()
     assert sent == Counter(text for doc_id, text in small if doc_id.startswith("new-"))
     assert manifest["cache"]["hits"] == 100 and manifest["cache"]["misses"] == 20
-    _, tables = read_output(str(tmp_path / "out2"))
-    rows = tables["vectors"].to_pylist()
-    assert sorted(r["doc_id"] for r in rows) == sorted(doc_id for doc_id, _ in small)
-    want = HashingEmbedder(dim=16).embed([r["text"] for r in rows])
-    np.testing.assert_allclose([r["embedding"] for r in rows], want, atol=1e-6)
+    # Hits and misses alike: every document one aligned vector, the server's own.
+    run = assert_run_complete(str(tmp_path / "out2"), ExpectedCorpus.of(dict(small)), dim=16)
+    assert sorted(r["doc_id"] for r in run.vectors.values()) == sorted(d for d, _ in small)
 
 
-def test_two_worker_processes_with_the_cache_on_embed_every_chunk(tmp_path: Path) -> None:
+def test_two_worker_processes_with_the_cache_on_embed_every_chunk(tmp_path: Path,
+                                                                 serve: Serve) -> None:
     """The configuration that once committed a complete manifest with whole requests missing.
     Now every chunk is a vector, the counts add up, and a second run is all hits."""
     docs = [(f"doc-{n:05d}", sentence(n)) for n in range(3000)]
     write_jsonl(tmp_path / "corpus" / "docs.jsonl", docs)
     patterns = [str(tmp_path / "corpus" / "docs.jsonl")]
-    with EmbeddingServer(dim=16, model=MODEL) as server:
-        first = run_once(patterns, tmp_path / "out", server, MULTI,
-                         input={"range_bytes": 16 * 1024})
-        mark = len(server.stats.texts)
-        second = run_once(patterns, tmp_path / "out2", server, MULTI,
-                          input={"range_bytes": 16 * 1024},
-                          cache={"path": str(tmp_path / ".embedpipe-cache")})
-        resent = [t for t in server.stats.texts[mark:] if t != PREFLIGHT_TEXT]
+    server = serve(EmbeddingServer, dim=16, model=MODEL)
+    first = run_once(patterns, tmp_path / "out", server, MULTI,
+                     input={"range_bytes": 16 * 1024})
+    mark = len(server.stats.texts)
+    second = run_once(patterns, tmp_path / "out2", server, MULTI,
+                      input={"range_bytes": 16 * 1024},
+                      cache={"path": str(tmp_path / ".embedpipe-cache")})
+    resent = [t for t in server.stats.texts[mark:] if t != PREFLIGHT_TEXT]
+    server.stop()
     for manifest, output in ((first, "out"), (second, "out2")):
         counts = manifest["counts"]
         assert counts["chunks"] == counts["chunks_embedded"] == len(docs), counts
         assert verify_output(str(tmp_path / output)) == []
-        _, tables = read_output(str(tmp_path / output))
-        assert sorted(tables["vectors"].column("doc_id").to_pylist()) == [d for d, _ in docs]
+        run = assert_run_complete(str(tmp_path / output), ExpectedCorpus.of(dict(docs)), dim=16)
+        assert sorted(r["doc_id"] for r in run.vectors.values()) == [d for d, _ in docs]
     assert second["cache"]["hits"] == len(docs) and resent == []
 
 
 def test_an_output_that_misses_chunks_is_never_committed(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
+        serve: Serve) -> None:
     """The guard behind the fix: should any stage or runner lose vector rows (as Beam's runner
     did in multi_processing), the commit step refuses: exit 4, manifest still ``partial``, and
     the log says how many chunks are missing. Here the writer drops one request's vectors."""
@@ -178,10 +179,10 @@ def test_an_output_that_misses_chunks_is_never_committed(
     from pipeline import graph
 
     monkeypatch.setattr(graph, "VECTORS", dataclasses.replace(write.VECTORS, to_table=lossy))
-    with EmbeddingServer(dim=16, model=MODEL) as server:
-        cfg = make_config([str(tmp_path / "docs.jsonl")], str(tmp_path / "out"),
-                          server.base_url, output={"rows_per_file": 1000})
-        assert execute(RunRequest(cfg, quiet=True)) == 4
+    server = serve(EmbeddingServer, dim=16, model=MODEL)
+    cfg = make_config([str(tmp_path / "docs.jsonl")], str(tmp_path / "out"),
+                      server.base_url, output={"rows_per_file": 1000})
+    assert execute(RunRequest(cfg, quiet=True)) == 4
     manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
     assert manifest["status"] == "partial"
     found = re.search(r"made (\d+) chunks but wrote (\d+) vector rows", caplog.text)

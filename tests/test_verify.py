@@ -15,8 +15,8 @@ from pipeline.cli import main
 from pipeline.local_server import EmbeddingServer
 from pipeline.run import RunRequest, execute
 from pipeline.verify import verify_output
-from tests.corpus import corpus_patterns, write_corpus
-from tests.harness import MODEL, make_config
+from tests.support.corpus import corpus_patterns, write_corpus
+from tests.support.harness import MODEL, make_config
 
 
 @pytest.fixture(scope="module")

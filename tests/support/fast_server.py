@@ -20,7 +20,7 @@ It also records what the benchmark measures from the server side:
 
 Run in its own process (so it competes with the client for CPUs, not for the client's GIL)::
 
-    python -m tests.bench_fast_server [--host 127.0.0.1] [--port 0] [--dim 1536] [--pool 64]
+    python -m tests.support.fast_server [--host 127.0.0.1] [--port 0] [--dim 1536] [--pool 64]
 
 It prints its base URL (``http://127.0.0.1:PORT/v1``) on one line once it is listening, and
 serves until terminated (SIGTERM or SIGINT).
@@ -32,14 +32,22 @@ import argparse
 import base64
 import json
 import signal
+import subprocess
 import sys
 import threading
 import time
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
+import httpx
 import numpy as np
+
+if TYPE_CHECKING:
+    from typing_extensions import Self
+
+REPO = Path(__file__).resolve().parents[2]
 
 DEFAULT_DIM = 1536
 DEFAULT_POOL = 64
@@ -221,8 +229,47 @@ class Handler(BaseHTTPRequestHandler):
         self._send(HTTPStatus.OK, body)
 
 
+class FastServerProcess:
+    """This server in a subprocess, for a benchmark in the parent; its stats over HTTP."""
+
+    def __init__(self, dim: int) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "tests.support.fast_server", "--dim", str(dim)],
+            stdout=subprocess.PIPE, text=True, cwd=REPO,
+        )
+        assert self.proc.stdout is not None
+        self.base_url = self.proc.stdout.readline().strip()
+        if not self.base_url.startswith("http://"):
+            self.close()
+            raise RuntimeError("the fast server did not start")
+        self._root = self.base_url.removesuffix("/v1")
+        self._http = httpx.Client(timeout=10)
+
+    def stats(self) -> dict[str, Any]:
+        return self._http.get(f"{self._root}/stats").raise_for_status().json()
+
+    def reset(self) -> None:
+        self._http.post(f"{self._root}/reset").raise_for_status()
+
+    def close(self) -> None:
+        if hasattr(self, "_http"):
+            self._http.close()
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m tests.bench_fast_server",
+    parser = argparse.ArgumentParser(prog="python -m tests.support.fast_server",
                                      description=__doc__.split("\n")[0])
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=0, help="0: a free port")

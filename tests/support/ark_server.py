@@ -16,14 +16,17 @@ It speaks Ark's dialect, so a client bug shows up as the error Ark would send:
 - errors as ``{"error": {"code", "message", "param", "type"}}``, usage by
   :func:`~pipeline.local_server.count_tokens`.
 
-Faults, for tests of what the client does with each documented code::
+Faults, for tests of what the client does with each documented code, are the base's
+(:class:`~pipeline.local_server.FaultSchedule`, the same for every dialect), with Ark's errors
+as the replies::
 
-    server = ArkServer(models={"ep-test": 32}, poison=("<<flagged>>",))
+    server = ArkServer(models={"ep-test": 32}, poison="<<flagged>>")
     server.schedule(None, Fault(429, "RateLimitExceeded.EndpointRPMExceeded"))  # 2nd request
     server.fail_always(Fault(403, "AccountOverdueError"))                      # then all of them
 
-A request with an input containing a poison marker answers 400 ``SensitiveContentDetected``, as
-Ark's moderation does, so bisection can isolate that input.
+A request with an input containing a poison marker (the base's
+:class:`~pipeline.local_server.Poison`) answers 400 ``SensitiveContentDetected``, as Ark's
+moderation does, so bisection can isolate that input.
 """
 
 from __future__ import annotations
@@ -31,8 +34,7 @@ from __future__ import annotations
 import threading
 import time
 import uuid
-from collections import deque
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -40,8 +42,9 @@ import numpy as np
 
 from pipeline.local_server import (
     ApiError,
-    EmbeddingServer,
     HashingEmbedder,
+    Injection,
+    LoopbackServer,
     Reply,
     count_tokens,
     encode_embedding,
@@ -118,7 +121,11 @@ def _ark_error_fields(status: int, code: str, message: str | None) -> dict[str, 
 
 @dataclass(frozen=True, slots=True)
 class Fault:
-    """An error answer to inject: ``(status, code)``, Ark's message for it unless given."""
+    """An error answer to schedule: ``(status, code)``, Ark's message for it unless given.
+
+    Callable, as the base's :data:`~pipeline.local_server.Injection` may be: each answer it makes
+    carries a fresh request id, as Ark's do.
+    """
 
     status: int
     code: str
@@ -128,52 +135,35 @@ class Fault:
     def reply(self) -> Reply:
         return ark_error(self.status, self.code, self.message, headers=self.headers)
 
+    __call__ = reply
 
-class ArkServer(EmbeddingServer):
+
+class ArkServer(LoopbackServer):
     """Ark's ``/api/v3/embeddings`` on loopback; see the module docstring.
 
     ``models`` maps each served model or endpoint id to its native size (default: the real
     models at their real sizes; the base class's ``model`` and ``dim`` are its first entry).
     Embedders of other sizes are built on first use, since a 2560-wide rotation takes a second.
-    Faults apply after authentication, in this order: the :meth:`schedule` queue, then
-    :meth:`fail_always`, then the ``poison`` markers.
+    Faults apply after authentication: the base's schedule (``faults``, :meth:`schedule`,
+    :meth:`fail_always`) before the body is read, then the ``poison`` markers once it is valid.
     """
+
+    BASE_PATH = "/api/v3"
 
     def __init__(
         self,
         *,
         models: Mapping[str, int] = ARK_MODELS,
         api_key: str | None = None,
-        poison: tuple[str, ...] = (),
+        poison: str | Iterable[str] | None = None,
+        faults: Mapping[int, Injection] | None = None,
     ) -> None:
         first = next(iter(models))
-        super().__init__(dim=models[first], api_key=api_key, model=first)
+        super().__init__(dim=models[first], api_key=api_key, model=first, faults=faults,
+                         poison=poison)
         self.models = dict(models)
-        self.poison = poison
         self._lock = threading.Lock()
         self._embedders = {self.dim: self.embedder}
-        self._scheduled: deque[Fault | None] = deque()
-        self._always: Fault | None = None
-
-    @property
-    def base_url(self) -> str:
-        return f"http://{self.host}:{self.port}/api/v3"
-
-    # -- faults ------------------------------------------------------------------------------
-
-    def schedule(self, *faults: Fault | None) -> None:
-        """Answer the next embedding requests with these, one each; None answers normally."""
-        with self._lock:
-            self._scheduled.extend(faults)
-
-    def fail_always(self, fault: Fault | None) -> None:
-        """Answer every embedding request with ``fault`` once the schedule is used up."""
-        with self._lock:
-            self._always = fault
-
-    def _next_fault(self) -> Fault | None:
-        with self._lock:
-            return self._scheduled.popleft() if self._scheduled else self._always
 
     # -- the dialect -------------------------------------------------------------------------
 
@@ -186,17 +176,18 @@ class ArkServer(EmbeddingServer):
     def route(self, method: str, path: str, payload: Any, headers: Mapping[str, str]) -> Reply:
         if (method, path) != ("POST", "/api/v3/embeddings"):
             raise ArkApiError(404, "NotFound", f"no route for {method} {path}")
-        fault = self._next_fault()
-        if fault is not None:
-            return fault.reply()
+        scheduled = self.scheduled_fault()
+        if scheduled is not None:
+            return scheduled
         if not isinstance(payload, dict):
             raise ArkApiError(400, "InvalidParameter", "the request body must be a JSON object")
         return self.handle_embeddings(payload, headers)
 
     def handle_embeddings(self, payload: dict[str, Any], headers: Mapping[str, str]) -> Reply:
         model, texts, encoding_format = self._parse(payload)
-        if any(marker in text for marker in self.poison for text in texts):
-            return ark_error(400, "SensitiveContentDetected")
+        refusal = self.poisoned(texts)
+        if refusal is not None:
+            return refusal
         tokens = sum(count_tokens(text) for text in texts)
         self.record_served(texts, tokens)
         data = [
@@ -208,6 +199,10 @@ class ArkServer(EmbeddingServer):
             "id": uuid.uuid4().hex, "created": int(time.time()), "object": "list", "model": model,
             "data": data, "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
         })
+
+    def poison_reply(self, index: int, marker: str) -> Reply:
+        """Ark's moderation names no input: the whole request is refused."""
+        return ark_error(400, "SensitiveContentDetected")
 
     def _native_vectors(self, model: str, texts: list[str]) -> np.ndarray:
         """Unit vectors at the model's native size, each scaled by :func:`native_scale`."""

@@ -12,7 +12,7 @@ rate limiting or rejects: what embedpipe adds on top of this is what the ratio m
 It runs as its own process so that the benchmark measures its wall time and peak RSS exactly
 as it measures embedpipe's::
 
-    python -m tests.bench_bare_client --base-url http://127.0.0.1:PORT/v1 \\
+    python -m tests.support.bare_client --base-url http://127.0.0.1:PORT/v1 \\
         --corpus corpus.jsonl.gz --out vectors.parquet [--dim 1536]
 
 On success it prints one JSON line: ``{"rows_written", "requests", "wall_s"}``.
@@ -151,7 +151,7 @@ async def embed_corpus(base_url: str, model: str, corpus: Path, sink: ParquetSin
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m tests.bench_bare_client",
+    parser = argparse.ArgumentParser(prog="python -m tests.support.bare_client",
                                      description=__doc__.split("\n")[0])
     parser.add_argument("--base-url", required=True, help="e.g. http://127.0.0.1:PORT/v1")
     parser.add_argument("--corpus", type=Path, required=True, help="JSONL.gz with id and text")

@@ -4,12 +4,15 @@ The embed stage promises to stay under the provider's limits, to survive every t
 to isolate a poisoned input, to stop on exhausted quota, and never to write a vector twice or next
 to the wrong chunk. Those promises can only be checked against a server that breaks them on
 purpose, reproducibly. This is that server: :class:`~pipeline.local_server.EmbeddingServer` (real
-vectors, OpenAI's shapes, strict validation) driven by a :class:`FaultPlan`. The end-to-end test
+vectors, OpenAI's shapes, strict validation) driven by a :class:`FaultPlan`, with the poison and
+the scripted faults of every local server (:class:`~pipeline.local_server.Poison`,
+:class:`~pipeline.local_server.FaultSchedule`). The end-to-end test
 runs the pipeline under every fault at once; ``make bench`` reads :meth:`FaultServer.report` to
 see how close the client runs to the rate limit.
 
-One well-formed ``POST /v1/embeddings`` goes through, in order::
+One ``POST /v1/embeddings`` goes through, in order::
 
+    a scripted reply for it?      that reply               (the base's schedule; not judged)
     quota exhausted?              429 insufficient_quota   (fatal to the client)
     an input holds the poison?    400 invalid_request      (naming the input: the client bisects)
     over RPM or TPM?              429 rate_limit_exceeded  + Retry-After; consumes nothing
@@ -31,7 +34,7 @@ Only intact answers (ok and shuffled) count as served, in :attr:`EmbeddingServer
 
 From another process (the benchmark's client workers live in other processes)::
 
-    python -m tests.fault_server --port 8090 --tpm 60000 --latency 0.06 --p-500 0.02
+    python -m tests.support.fault_server --port 8090 --tpm 60000 --latency 0.06 --p-500 0.02
 
 prints the base URL and serves until killed; ``GET {base_url}/fault/report`` answers
 :meth:`FaultServer.report` as JSON.
@@ -49,7 +52,7 @@ import threading
 import time
 import typing
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
@@ -58,6 +61,7 @@ from pipeline.local_server import (
     DEFAULT_DIM,
     DEFAULT_MODEL,
     EmbeddingServer,
+    Injection,
     Reply,
     count_tokens,
     error_reply,
@@ -162,7 +166,6 @@ class FaultPlan:
     p_truncated: float = _option(0.0, "probability of a 200 whose JSON is cut in half")
     p_short: float = _option(0.0, "probability of a 200 with one embedding too few")
     p_shuffle: float = _option(0.0, "probability of a 200 with data in random order")
-    poison_marker: str | None = _option(None, "inputs containing it fail their request with 400")
     quota_after: int | None = _option(None, "answer 429 insufficient_quota after N served requests")
 
     def __post_init__(self) -> None:
@@ -184,8 +187,6 @@ class FaultPlan:
             value = getattr(self, name)
             if value is not None and value < 0:
                 raise ValueError(f"{name} must not be negative, got {value!r}")
-        if self.poison_marker == "":
-            raise ValueError("poison_marker must not be empty (every input would contain it)")
 
     def fault_for(self, draw: float) -> Outcome:
         """The answer for a request whose uniform draw in ``[0, 1)`` is ``draw``."""
@@ -330,11 +331,14 @@ class _Verdict:
 class FaultServer(EmbeddingServer):
     """An :class:`EmbeddingServer` that rate-limits, delays and breaks answers per its plan.
 
-    Thread-safe: one lock guards the buckets, the fault draws, the quota and the tally, and is
-    never held while sleeping or embedding. Use it like its base::
+    ``poison`` and ``faults`` are the base's (:class:`~pipeline.local_server.Poison`,
+    :class:`~pipeline.local_server.FaultSchedule`): a poisoned request is judged after the quota
+    and before the limits, and a scripted reply pre-empts the plan (it is neither judged nor
+    counted in :class:`FaultStats`). Thread-safe: one lock guards the buckets, the fault draws,
+    the quota and the tally, and is never held while sleeping or embedding. Use it like its base::
 
         plan = FaultPlan(seed=1, tpm=20_000, latency_s=0.02, p_500=0.05, p_shuffle=0.2)
-        with FaultServer(plan, dim=64) as server:
+        with FaultServer(plan, dim=64, poison="<<poison>>") as server:
             ...  # point the client at server.base_url
         assert not [t for t, n in server.fault_stats.served_texts.items() if n > 1]
     """
@@ -348,8 +352,10 @@ class FaultServer(EmbeddingServer):
         dim: int = DEFAULT_DIM,
         api_key: str | None = None,
         model: str = DEFAULT_MODEL,
+        poison: str | Iterable[str] | None = None,
+        faults: Mapping[int, Injection] | None = None,
     ) -> None:
-        super().__init__(host, port, dim, api_key, model)
+        super().__init__(host, port, dim, api_key, model, faults=faults, poison=poison)
         self.plan = plan
         self._lock = threading.Lock()
         self._fault_rng = random.Random(plan.seed)
@@ -362,7 +368,6 @@ class FaultServer(EmbeddingServer):
         ]
         self._quota_used = 0  # served requests since start; reset_stats leaves it alone
         self._tally = _Tally()
-        # Set on a handling thread while the base handler builds an answer: see record_served.
 
     # -- measurements ----------------------------------------------------------------------
 
@@ -460,15 +465,9 @@ class FaultServer(EmbeddingServer):
             refusal = error_reply(
                 429, QUOTA_MESSAGE, error_type="insufficient_quota", code="insufficient_quota"
             )
-        elif (poisoned := self._poisoned_index(texts)) is not None:
+        elif (poisoned := self.poisoned(texts)) is not None:
             outcome = Outcome.POISONED
-            refusal = error_reply(
-                400,
-                f"'$.input[{poisoned}]' is invalid: it contains the poison marker "
-                f"{plan.poison_marker!r}",
-                param="input",
-                code="invalid_request",
-            )
+            refusal = poisoned
         elif (throttle := self._throttle(tokens)) is not None:
             outcome = Outcome.RATE_LIMITED
             refusal = throttle
@@ -511,12 +510,6 @@ class FaultServer(EmbeddingServer):
             429, message, error_type=binding.kind, code="rate_limit_exceeded", headers=retry_after
         )
 
-    def _poisoned_index(self, texts: Sequence[str]) -> int | None:
-        marker = self.plan.poison_marker
-        if marker is None:
-            return None
-        return next((index for index, text in enumerate(texts) if marker in text), None)
-
     def _record_answer(self, texts: Sequence[str], tokens: int) -> None:
         """Count an intact answer, in the base stats and in the ok timestamps, atomically."""
         with self._lock:
@@ -535,13 +528,14 @@ def _ratio(rate: float | None, limit: int | None) -> float | None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m tests.fault_server``: print the base URL, then serve until killed.
+    """``python -m tests.support.fault_server``: print the base URL, then serve until killed.
 
     Every :class:`FaultPlan` field is a flag, its ``_s`` unit suffix dropped (``--latency 0.06``,
-    ``--p-503-html 0.01``, ``--quota-after 100``).
+    ``--p-503-html 0.01``, ``--quota-after 100``); ``--poison MARKER`` (repeatable) is the
+    server's poison.
     """
     parser = argparse.ArgumentParser(
-        prog="python -m tests.fault_server",
+        prog="python -m tests.support.fault_server",
         description="An OpenAI-compatible embedding server with rate limits and seeded faults. "
         f"GET {{base_url}}{REPORT_PATH} answers the measurements as JSON.",
     )
@@ -549,6 +543,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--port", type=int, default=0, help="0 picks a free port (default)")
     parser.add_argument("--dim", type=int, default=DEFAULT_DIM)
     parser.add_argument("--model", default=DEFAULT_MODEL)
+    parser.add_argument("--poison", action="append", metavar="MARKER",
+                        help="inputs containing it fail their request with 400 (repeatable)")
     hints = typing.get_type_hints(FaultPlan)
     plan_fields = dataclasses.fields(FaultPlan)
     for plan_field in plan_fields:
@@ -564,9 +560,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         plan = FaultPlan(**{f.name: getattr(args, f.name) for f in plan_fields})
+        server = FaultServer(plan, host=args.host, port=args.port, dim=args.dim,
+                             model=args.model, poison=args.poison)
     except ValueError as exc:
         parser.error(str(exc))
-    server = FaultServer(plan, host=args.host, port=args.port, dim=args.dim, model=args.model)
     print(server.base_url, flush=True)
     serve_until_interrupted(server)
     return 0

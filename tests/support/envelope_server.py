@@ -2,10 +2,12 @@
 
 It answers only ``POST /api/v1/embeddings`` and ``GET /api/v1/embeddings/{id}``; every answer,
 errors included, is an envelope ``{success, code, message, data}`` (HTTP 200 unless a fault says
-otherwise), and the OpenAI routes of :class:`~pipeline.local_server.EmbeddingServer` are not
-served. Vectors come from the base class's :class:`~pipeline.local_server.HashingEmbedder`, so a
-test can check every vector against it, and served inputs are counted with ``record_served``
-only when their vectors are delivered (a queued job's when it completes).
+otherwise). It is an app on the same base as every local server
+(:class:`~pipeline.local_server.LoopbackServer`): vectors come from the base's
+:class:`~pipeline.local_server.HashingEmbedder`, so a test can check every vector against it;
+faults and poison are the base's :class:`~pipeline.local_server.FaultSchedule` and
+:class:`~pipeline.local_server.Poison`; and served inputs are counted with ``record_served`` only
+when their vectors are delivered (a queued job's when it completes).
 
 Written from the API's description, not from the client, so that the two check each other::
 
@@ -17,7 +19,7 @@ from __future__ import annotations
 
 import random
 import threading
-from collections.abc import Collection, Mapping
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -25,10 +27,12 @@ import numpy as np
 
 from pipeline.local_server import (
     ApiError,
-    EmbeddingServer,
+    Injection,
+    LoopbackServer,
     Reply,
     count_tokens,
     encode_embedding,
+    parse_embedding_request,
     truncate_dimensions,
 )
 
@@ -72,7 +76,7 @@ class _Job:
     polls: int = 0
 
 
-class EnvelopeServer(EmbeddingServer):
+class EnvelopeServer(LoopbackServer):
     """The envelope API on loopback. Every knob is a constructor argument.
 
     - ``layout``: where the vectors go: ``"data"`` (``data.data``, OpenAI's ``{object, index,
@@ -82,9 +86,10 @@ class EnvelopeServer(EmbeddingServer):
     - ``usage``: send ``data.usage``; without it the client must estimate.
     - ``polls``: None answers at once; K queues every submission as a ``PENDING`` job that is
       ``COMPLETED`` on its K-th poll (``RUNNING``/``PROCESSING`` before).
-    - ``faults``: submission number (1-based, in arrival order; the preflight is 1) → the reply
-      sent instead of an answer. ``failed_jobs``: submissions whose job ends ``FAILED``.
-    - ``poison``: a request with an input containing this substring is refused with code
+    - ``faults``: the base's schedule, by submission number (1-based, in arrival order; the
+      preflight is 1) → the reply sent instead of an answer; :meth:`schedule` and
+      :meth:`fail_always` work too. ``failed_jobs``: submissions whose job ends ``FAILED``.
+    - ``poison``: the base's; a request with an input containing a marker is refused with code
       ``"400"``, naming the input, so that bisection can isolate it.
     """
 
@@ -95,32 +100,25 @@ class EnvelopeServer(EmbeddingServer):
         shuffle: bool = False,
         usage: bool = True,
         polls: int | None = None,
-        faults: Mapping[int, Reply] | None = None,
+        faults: Mapping[int, Injection] | None = None,
         failed_jobs: Collection[int] = (),
-        poison: str | None = None,
+        poison: str | Iterable[str] | None = None,
         **kwargs: Any,
     ) -> None:
         if shuffle and layout == "bare":
             raise ValueError("bare vectors carry no index: they cannot be shuffled")
         if polls is not None and polls < 1:
             raise ValueError(f"polls must be at least 1, got {polls}")
-        super().__init__(**kwargs)
+        super().__init__(faults=faults, poison=poison, **kwargs)
         self.layout = layout
         self.shuffle = shuffle
         self.usage = usage
         self.polls = polls
-        self.faults = dict(faults or {})
         self.failed_jobs = frozenset(failed_jobs)
-        self.poison = poison
         self._lock = threading.Lock()
         self._rng = random.Random(7)
         self._payloads: list[Any] = []
         self._jobs: dict[str, _Job] = {}
-
-    @property
-    def root_url(self) -> str:
-        """The host root, which is what ``provider.base_url`` names for this API."""
-        return f"http://{self.host}:{self.port}"
 
     @property
     def payloads(self) -> list[Any]:
@@ -130,6 +128,9 @@ class EnvelopeServer(EmbeddingServer):
 
     def authorize(self, method: str, path: str, headers: Mapping[str, str]) -> None:
         """Checked in :meth:`route` instead, so that a bad key gets an envelope too."""
+
+    def poison_reply(self, index: int, marker: str) -> Reply:
+        return envelope_error("400", f"input {index} contains forbidden content")
 
     def route(self, method: str, path: str, payload: Any, headers: Mapping[str, str]) -> Reply:
         try:
@@ -146,8 +147,9 @@ class EnvelopeServer(EmbeddingServer):
         with self._lock:
             self._payloads.append(payload)
             number = len(self._payloads)
-        if number in self.faults:
-            return self.faults[number]
+        scheduled = self.scheduled_fault()
+        if scheduled is not None:
+            return scheduled
         if not isinstance(payload, dict):
             raise ApiError(400, "the request body must be a JSON object")
         parameters = payload.get("parameters")
@@ -155,13 +157,13 @@ class EnvelopeServer(EmbeddingServer):
             raise ApiError(400, "parameters, when sent, must be a non-empty object")
         # The base class checks model, input, encoding_format and dimensions as strictly as
         # OpenAI does; `parameters` is the one field this dialect adds.
-        request = self.parse_embedding_request(
-            {key: value for key, value in payload.items() if key != "parameters"}
+        request = parse_embedding_request(
+            {key: value for key, value in payload.items() if key != "parameters"},
+            model=self.model, dim=self.dim,
         )
-        if self.poison is not None:
-            for index, text in enumerate(request.texts):
-                if self.poison in text:
-                    raise ApiError(400, f"input {index} contains forbidden content")
+        refusal = self.poisoned(request.texts)
+        if refusal is not None:
+            return refusal
         vectors = self.embedder.embed(request.texts)
         if request.dimensions is not None:
             vectors = truncate_dimensions(vectors, request.dimensions)

@@ -10,7 +10,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.config import Config, parse_config
-from tests.corpus import MAX_DOCUMENT_BYTES
+from tests.support.corpus import MAX_DOCUMENT_BYTES
 from transforms.split import split_document
 from transforms.tokens import get_tokenizer
 from transforms.types import Document

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import random
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -46,6 +47,20 @@ class ExpectedCorpus:
     metadata: dict[str, Any] = field(default_factory=dict)         # doc_id → lang
     rejects: dict[str, str] = field(default_factory=dict)          # source → reason
     records: int = 0                                               # records in the files
+
+    @classmethod
+    def of(cls, documents: Mapping[str, str], *, rejects: Mapping[str, str] | None = None,
+           metadata: Mapping[str, Any] | None = None) -> ExpectedCorpus:
+        """What a run must produce over a corpus written by hand: one record per document and
+        per reject (``source`` → reason); ``metadata`` empty when the records carry none."""
+        rejects = dict(rejects or {})
+        return cls(dict(documents), dict(metadata or {}), rejects, len(documents) + len(rejects))
+
+    def plus(self, documents: Mapping[str, str], lang: str | None = "en") -> ExpectedCorpus:
+        """This corpus with more valid documents appended as records, all in ``lang``."""
+        return ExpectedCorpus({**self.documents, **documents},
+                              {**self.metadata, **dict.fromkeys(documents, lang)},
+                              dict(self.rejects), self.records + len(documents))
 
 
 def write_corpus(root: str, storage_options: dict[str, Any] | None = None) -> ExpectedCorpus:
