@@ -18,7 +18,7 @@ import logging
 import sys
 from collections.abc import Sequence
 
-EXIT_CONFIG = 2
+from pipeline.exit_codes import EXIT_CONFIG, EXIT_OK
 
 
 def _setup_logging(quiet: bool) -> None:
@@ -96,7 +96,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             plan = make_plan(_load(args), extra)
             print(json.dumps(plan, indent=2) if args.json else "\n".join(plan_lines(plan)))
-            return 0
+            return EXIT_OK
         from pipeline.run import RunRequest, execute
 
         return execute(RunRequest(cfg=_load(args), beam_args=extra, quiet=args.quiet))

@@ -46,7 +46,7 @@ def nearest(output: str, query: np.ndarray, k: int = 5) -> list[dict]:
     scores = matrix @ query / (np.linalg.norm(matrix, axis=1) * np.linalg.norm(query) + 1e-12)
     best = np.argsort(-scores)[:k]
     rows = table.select(["id", "doc_id", "text"]).take(pa.array(best)).to_pylist()
-    return [{**row, "score": float(scores[i])} for row, i in zip(rows, best)]
+    return [{**row, "score": float(scores[i])} for row, i in zip(rows, best, strict=True)]
 
 
 def main(argv: list[str] | None = None) -> int:

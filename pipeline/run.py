@@ -1,9 +1,10 @@
 """``embedpipe run``: config → checks → pipeline options → graph → run → manifest → exit code.
 
-Exit codes (the contract): 0 every valid chunk was embedded; 1 the run finished but some chunks
-(or whole input files) failed, each one in ``rejects/``; 2 bad arguments or config, found before
-any API call; 3 aborted by a fatal provider answer, with the work already committed kept;
-4 the pipeline itself crashed (a bug or a runner failure): see the traceback.
+Exit codes (the contract, tabled in :mod:`pipeline.exit_codes`): 0 every valid chunk was
+embedded; 1 the run finished but some chunks (or whole input files) failed, each one in
+``rejects/``; 2 bad arguments or config, found before any API call; 3 aborted by a fatal provider
+answer, with the work already committed kept; 4 the pipeline itself crashed (a bug or a runner
+failure): see the traceback.
 
 ``execute(request, test_pipeline=None)`` lets tests inject a pipeline, as in dataflow-ml-starter;
 the command line (``pipeline.cli``) only parses arguments into a :class:`RunRequest`.
@@ -33,6 +34,7 @@ from apache_beam.options.pipeline_options import (
 )
 
 from pipeline.config import Config
+from pipeline.exit_codes import EXIT_CRASHED, EXIT_FAILED_CHUNKS, EXIT_FATAL_PROVIDER, EXIT_OK
 from pipeline.graph import RunContext, build_pipeline, embed_settings, output_spec, run_info
 from pipeline.report import print_summary
 from transforms.bundle import make_bundle
@@ -54,12 +56,6 @@ from transforms.types import PROVIDER_REJECTED, Chunk
 from transforms.write import USAGE, write_rows
 
 log = logging.getLogger("embedpipe")
-
-EXIT_OK = 0
-EXIT_FAILED_CHUNKS = 1
-EXIT_CONFIG = 2
-EXIT_FATAL_PROVIDER = 3
-EXIT_CRASHED = 4
 
 DEFAULT_RUNNER = "FnApiRunner"  # offline, in-process; never downloads a runner binary
 LOCAL_RUNNERS = {"fnapirunner", "directrunner", "bundlebaseddirectrunner", "switchingdirectrunner"}

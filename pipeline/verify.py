@@ -22,10 +22,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from pipeline.exit_codes import EXIT_OK, EXIT_PROBLEMS
 from transforms.manifest import STATUS_COMPLETE, read_manifest
-
-EXIT_OK = 0
-EXIT_PROBLEMS = 1
 
 
 def verify_output(output: str, storage_options: dict[str, Any] | None = None) -> list[str]:
