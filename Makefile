@@ -32,7 +32,7 @@ bench-scale: setup
 
 lint: setup
 	$(BIN)/python -m pip install --quiet ruff==0.17.6 mypy==2.4.1
-	$(BIN)/ruff check pipeline transforms tests
+	$(BIN)/ruff check pipeline transforms tests examples
 	$(BIN)/mypy pipeline transforms
 
 clean:

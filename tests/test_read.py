@@ -27,7 +27,7 @@ from apache_beam.options.pipeline_options import PipelineOptions
 from apache_beam.testing.util import assert_that, equal_to
 
 from pipeline.config import InputConfig
-from transforms import read
+from transforms import read_formats
 from transforms.errors import InputError
 from transforms.read import (
     NO_FILES_MATCHED,
@@ -421,7 +421,7 @@ def test_csv_fields_larger_than_the_csv_module_default_are_read(tmp_path: Path) 
 def test_csv_parse_error_rejects_the_row_and_reads_on(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(read, "_CSV_FIELD_LIMIT", 10)
+    monkeypatch.setattr(read_formats, "_CSV_FIELD_LIMIT", 10)
     path = write(tmp_path / "a.csv", b"id,text\n1,short\n2,much too long\n3,short\n")
 
     items = read_all(path)

@@ -30,7 +30,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pipeline.config import InputConfig
-from transforms import read
+from transforms import read, read_formats, read_ranges
 from transforms.read import ReadCorpus, expand_pattern, plan_ranges, read_range, read_records
 from transforms.types import (
     INVALID_UTF8,
@@ -172,7 +172,7 @@ def test_jsonl_ranges_tile_the_file_from_line_starts_with_their_first_line_numbe
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, block_bytes: int
 ) -> None:
     # Scan blocks smaller than a line and than a range, too: a cut may fall in any block.
-    monkeypatch.setattr(read, "_SCAN_BLOCK_BYTES", block_bytes)
+    monkeypatch.setattr(read_ranges, "_SCAN_BLOCK_BYTES", block_bytes)
     data, _ = big_jsonl()
     source = write(tmp_path / "big.jsonl", data)
 
@@ -279,7 +279,7 @@ def test_csv_ranges_never_cut_inside_a_quoted_field(tmp_path: Path) -> None:
     assert_tiles(ranges, len(data))
     # A cut at the first newline past each RANGE bytes would have fallen inside a field.
     naive = [data.index(b"\n", r.start + RANGE) + 1 for r in ranges[:-1]]
-    assert any(cut != r.end for cut, r in zip(naive, ranges))
+    assert any(cut != r.end for cut, r in zip(naive, ranges, strict=True))
     assert items == list(read_records(source, cfg))
     assert [(r.position, r.doc_id, r.text) for r in items] == expected
     assert {r.metadata for r in items} == {(("lang", "en"),)}
@@ -325,7 +325,7 @@ def test_csv_with_a_byte_order_mark_before_a_quoted_header_spanning_lines(tmp_pa
 def test_csv_row_the_csv_module_rejects_is_counted_as_the_reader_counts_it(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(read, "_CSV_FIELD_LIMIT", 40)
+    monkeypatch.setattr(read_formats, "_CSV_FIELD_LIMIT", 40)
     rows = [f"{i},{'y' * (60 if i % 50 == 0 else 10)}\n" for i in range(1, 1001)]
     source = write(tmp_path / "a.csv", ("id,text\n" + "".join(rows)).encode())
     cfg = cfg_for(source)

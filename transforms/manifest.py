@@ -99,7 +99,7 @@ def build_manifest(
         "finished_at": utc_now(),
         "provider": run.provider,
         "model": run.model,
-        "dimensions": dims[0] if len(dims) == 1 else (run.dimensions if not dims else dims),
+        "dimensions": dims[0] if len(dims) == 1 else (dims or run.dimensions),
         "error": fatal[0] if fatal else None,
         "counts": {
             # Every record seen: the valid ones plus those rejected while reading or validating.
@@ -210,7 +210,7 @@ class CommitManifestFn(beam.DoFn):
         cache = None
         if self.cache is not None:
             cache = {"enabled": True, "path": self.cache.url,
-                     **dict(zip(("hits", "misses", "duplicates", "tokens_saved"), cache_counts))}
+                     **dict(zip(("hits", "misses", "duplicates", "tokens_saved"), cache_counts, strict=True))}
         manifest = build_manifest(
             self.info, files, records_read=records_read, documents_valid=documents_valid,
             chunks=n_chunks, fatal=sorted(set(fatal)), cache=cache,
