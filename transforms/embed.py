@@ -1,70 +1,44 @@
-"""The embed stage: bundles in, aligned vectors out, with rejects and one usage row per attempt.
+"""The embed stage: chunks in, aligned vectors out, with rejects and one usage row per attempt.
 
-Beam calls ``process`` one element at a time, and on the FnApiRunner a whole stage's input is
-often one bundle, so concurrency cannot come from Beam. It lives here, per worker process:
+:class:`EmbedChunks` is the stage; its one DoFn, :class:`EmbedChunksFn`, serves chunks from the
+cache, packs the rest into requests and keeps a window of at most ``limits.max_concurrency``
+requests in flight, yielding results as they complete and waiting for the rest in
+``finish_bundle``; memory is bounded by the window, not by the Beam bundle.
 
-- one :class:`EmbedSession` per process and run (HTTP client, provider, rate limiter, thread
-  pool, abort flag), shared by every DoFn instance and thread through a documented module-level
-  registry, so the rate budget is not multiplied by the number of threads;
-- each DoFn keeps a window of at most ``limits.max_concurrency`` bundles in flight, yields
-  results as they complete, and waits for the rest in ``finish_bundle``; memory is bounded by
-  the window, not by the Beam bundle.
-
-Per request: the limiter admits it, the provider sends it, the retry policy retries transient
-failures. A per-input rejection bisects the bundle until the offending chunks are alone (only
-they are rejected, with the provider's message); a "too large" answer splits it and remembers the
-cap it states for later bundles; a fatal answer (bad key, no quota, unknown model) sets the
-session's abort flag: nothing more is sent, and every remaining chunk becomes an ``aborted``
-reject, so the run still commits what it finished and exits 3.
+What happens to one request (rate limits, retries, bisection of a refused request, the abort of
+a run the provider refuses, usage rows) is the process's :class:`~transforms.embed_session.
+EmbedSession`, shared by every DoFn instance and thread of the process; see
+:mod:`transforms.embed_session` and the small modules it composes (:mod:`transforms.bisection`,
+:mod:`transforms.metered`, :mod:`transforms.usage`, :mod:`transforms.abort`).
 """
 
 from __future__ import annotations
 
 import ctypes
-import datetime as dt
 import functools
-import logging
-import os
-import socket
-import threading
 import time
 import typing
 from collections import deque
-from collections.abc import Iterator, Sequence
-from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
-from dataclasses import dataclass, field, replace
+from collections.abc import Iterator
+from concurrent.futures import FIRST_COMPLETED, Future, wait
+from dataclasses import dataclass, replace
 from typing import Any
 
 import apache_beam as beam
-import httpx
 from apache_beam.metrics import Metrics
 
 from transforms.bundle import BundleCaps, BundlePacker
-from transforms.cache import CacheIndex, CacheSpec, close_cache, open_cache
-from transforms.errors import (
-    FatalProviderError,
-    InputRejectedError,
-    ProviderError,
-    RateLimitedError,
-    RequestTooLargeError,
-    RetryableError,
-    redact,
+from transforms.embed_session import (
+    BundleOutcome,
+    EmbedSession,
+    EmbedSettings,
+    acquire_session,
+    release_session,
 )
-from transforms.limits import MONOTONIC, Clock, RateLimiter, RateLimits
 from transforms.outputs import in_global_window
-from transforms.progress import ProgressReporter
-from transforms.providers import get_provider_class
-from transforms.providers.base import EmbeddingResult, Provider
-from transforms.retry import RetryPolicy
-from transforms.sections import ProviderConfig
 from transforms.types import (
-    ABORTED,
-    OUTCOME_FAILED,
     OUTCOME_OK,
     OUTCOME_RETRY,
-    PROVIDER_REJECTED,
-    RETRIES_EXHAUSTED,
-    STAGE_EMBED,
     Bundle,
     Chunk,
     EmbeddedBatch,
@@ -72,298 +46,18 @@ from transforms.types import (
     UsageRecord,
 )
 
-log = logging.getLogger(__name__)
+# The session's names are re-exported: the composition root builds settings and runs the
+# preflight through this module, the stage's one entry point.
+__all__ = [
+    "LOOKUP_GROUP", "TAG_CACHE", "TAG_FATAL", "TAG_REJECTS", "TAG_USAGE", "BundleOutcome",
+    "CacheCounts", "EmbedChunks", "EmbedChunksFn", "EmbedSession", "EmbedSettings",
+    "acquire_session", "release_freed_memory", "release_session",
+]
 
 TAG_REJECTS = "rejects"
 TAG_USAGE = "usage"
 TAG_FATAL = "fatal"
 TAG_CACHE = "cache"
-
-
-@dataclass(frozen=True, slots=True)
-class EmbedSettings:
-    """Everything a worker needs to embed, and nothing secret: the key is read on the worker."""
-
-    run_id: str
-    provider: ProviderConfig
-    limits: RateLimits  # this worker's share
-    max_concurrency: int
-    retry: RetryPolicy
-    progress_interval_s: float | None = 5.0  # None: no progress lines (--quiet)
-    cache: CacheSpec | None = None  # where finished vectors are remembered; None: no cache
-    workers: int = 1  # processes sharing the job (for this worker's share in the ETA)
-
-
-@dataclass
-class BundleOutcome:
-    """What one bundle produced; filled by one thread, then emitted by the DoFn."""
-
-    batches: list[EmbeddedBatch] = field(default_factory=list)
-    rejects: list[Reject] = field(default_factory=list)
-    usage: list[UsageRecord] = field(default_factory=list)
-    fatal: str | None = None
-
-
-class EmbedSession:
-    """The per-process embedding machinery for one run. Thread-safe; see the module docstring."""
-
-    def __init__(
-        self,
-        settings: EmbedSettings,
-        *,
-        api_key: str | None,
-        clock: Clock = MONOTONIC,
-    ) -> None:
-        self.settings = settings
-        self.provider: Provider = get_provider_class(settings.provider.kind)(settings.provider)
-        self.limiter = RateLimiter(settings.limits, clock=clock)
-        self.clock = clock
-        self._api_key = api_key
-        timeout_s = settings.provider.timeout_s
-        self._client = httpx.Client(
-            timeout=httpx.Timeout(timeout_s, connect=min(10.0, timeout_s)),
-            limits=httpx.Limits(max_connections=settings.max_concurrency,
-                                max_keepalive_connections=settings.max_concurrency),
-        )
-        self._executor = ThreadPoolExecutor(
-            max_workers=settings.max_concurrency, thread_name_prefix="embedpipe-embed"
-        )
-        self._abort_lock = threading.Lock()
-        self._abort_message: str | None = None
-        self._fatal_reported = False
-        # Largest request the server accepted after a "too large" answer (learned, shrinks only).
-        self._max_inputs = settings.provider.max_inputs_per_request
-        self.worker = f"{socket.gethostname()}:{os.getpid()}"
-        self.cache: CacheIndex | None = (
-            open_cache(settings.cache) if settings.cache is not None else None)
-        self._progress = (
-            ProgressReporter(self.worker, settings.limits.tokens_per_minute,
-                             settings.progress_interval_s)
-            if settings.progress_interval_s else None
-        )
-        if settings.provider.api_key_env and not api_key:
-            self._abort(
-                f"environment variable {settings.provider.api_key_env} is not set on worker "
-                f"{self.worker}; export it where the pipeline runs "
-                "(or set provider.api_key_env: null for a server without authentication)"
-            )
-
-    # -- lifecycle --------------------------------------------------------------------------
-
-    def close(self) -> None:
-        self._executor.shutdown(wait=True)
-        self._client.close()
-        if self.cache is not None and self.settings.cache is not None:
-            close_cache(self.settings.cache)
-        if self._progress is not None:
-            self._progress.close()
-
-    def submit(self, bundle: Bundle) -> Future[BundleOutcome]:
-        return self._executor.submit(self.embed_bundle, bundle)
-
-    # -- one bundle -------------------------------------------------------------------------
-
-    def embed_bundle(self, bundle: Bundle) -> BundleOutcome:
-        out = BundleOutcome()
-        if self._progress is not None:
-            self._progress.started()
-        step = self._max_inputs
-        for start in range(0, len(bundle.chunks), step):
-            self._embed_span(bundle, start, bundle.chunks[start : start + step], out)
-        self._remember(out.batches)
-        if self._progress is not None:
-            self._progress.finished(sum(len(b) for b in out.batches), len(out.rejects), out.usage,
-                                    bundle.n_tokens)
-        with self._abort_lock:
-            if self._abort_message is not None and not self._fatal_reported:
-                self._fatal_reported = True
-                out.fatal = self._abort_message
-        return out
-
-    def _embed_span(
-        self, bundle: Bundle, offset: int, chunks: Sequence[Chunk], out: BundleOutcome
-    ) -> None:
-        """Embed ``chunks`` (a span of ``bundle``), bisecting on per-input or size errors."""
-        if self._abort_message is not None:
-            out.rejects.extend(_rejects(chunks, ABORTED, self._abort_message, 0))
-            return
-        try:
-            result = self._request(bundle, offset, chunks, out)
-        except FatalProviderError as exc:
-            message = self._abort(f"the provider refused the run: {self._describe(exc)}")
-            out.rejects.extend(_rejects(chunks, ABORTED, message, 1))
-            return
-        except RetryableError as exc:
-            attempts = self.settings.retry.max_attempts
-            detail = f"gave up after {attempts} attempts: {self._describe(exc)}"
-            out.rejects.extend(_rejects(chunks, RETRIES_EXHAUSTED, detail, attempts))
-            return
-        except (InputRejectedError, RequestTooLargeError) as exc:
-            if len(chunks) == 1:
-                out.rejects.extend(_rejects(chunks, PROVIDER_REJECTED, self._describe(exc), 1))
-                return
-            if isinstance(exc, RequestTooLargeError) and exc.max_inputs:
-                # The server said its cap: obey it from now on. Without a stated cap, only this
-                # request is bisected: one oversized input must not shrink every later request.
-                self._learn_max_inputs(exc.max_inputs)
-                if exc.max_inputs < len(chunks):
-                    for start in range(0, len(chunks), exc.max_inputs):
-                        self._embed_span(bundle, offset + start,
-                                         chunks[start : start + exc.max_inputs], out)
-                    return
-            half = len(chunks) // 2
-            self._embed_span(bundle, offset, chunks[:half], out)
-            self._embed_span(bundle, offset + half, chunks[half:], out)
-            return
-        out.batches.append(
-            EmbeddedBatch(chunks=tuple(chunks), model=self.settings.provider.model,
-                          vectors=result.vectors)
-        )
-
-    def _request(
-        self, bundle: Bundle, offset: int, chunks: Sequence[Chunk], out: BundleOutcome
-    ) -> EmbeddingResult:
-        """One logical request with retries; appends a usage row per HTTP attempt."""
-        texts = [c.text for c in chunks]
-        est_tokens = sum(c.n_tokens for c in chunks)
-        policy = self.settings.retry
-        for attempt in policy.retrying(sleep=self.clock.sleep):
-            with attempt:
-                number = attempt.retry_state.attempt_number
-                request_id = f"{bundle.bundle_id}:{offset}+{len(chunks)}:{number}"
-                charged = self.limiter.charge_for(est_tokens)
-                self.limiter.acquire(charged)
-                started = dt.datetime.now(dt.timezone.utc)
-                t0 = time.perf_counter()
-                try:
-                    result = self.provider.embed(self._client, texts, self._api_key, est_tokens)
-                except ProviderError as exc:
-                    self.limiter.refund(charged)
-                    if isinstance(exc, RateLimitedError):
-                        self.limiter.on_throttle(exc.retry_after_s)
-                    will_retry = isinstance(exc, RetryableError) and number < policy.max_attempts
-                    out.usage.append(self._usage(
-                        request_id, exc.provider_request_id, len(chunks), 0, 0, True, number,
-                        exc.http_status, OUTCOME_RETRY if will_retry else OUTCOME_FAILED,
-                        self._describe(exc), t0, started,
-                    ))
-                    raise
-                self.limiter.settle(
-                    charged, est_tokens, None if result.tokens_estimated else result.prompt_tokens
-                )
-                self.limiter.on_success()
-                hint = result.rate_hint
-                if hint is not None:
-                    reset_s = max(hint.reset_requests_s or 0, hint.reset_tokens_s or 0) or None
-                    self.limiter.on_hint(hint.remaining_requests, hint.remaining_tokens, reset_s)
-                out.usage.append(self._usage(
-                    request_id, result.provider_request_id, len(chunks), result.prompt_tokens,
-                    result.total_tokens, result.tokens_estimated, number, result.http_status,
-                    OUTCOME_OK, None, t0, started,
-                ))
-                return result
-        raise AssertionError("unreachable: tenacity re-raises the last error")  # pragma: no cover
-
-    # -- helpers ----------------------------------------------------------------------------
-
-    def _remember(self, batches: list[EmbeddedBatch]) -> None:
-        """Commit the bundle's new vectors to the cache now, so a crash cannot lose them.
-
-        A cache that cannot be written costs money on a re-run, not correctness: the vectors
-        still reach the output, so a failure here is logged and the run goes on.
-        """
-        if self.cache is None or not batches:
-            return
-        try:
-            self.cache.write(batches)
-        except Exception as exc:  # noqa: BLE001 - see the docstring
-            log.warning("embedpipe: could not write to the cache at %s (%s: %s)",
-                        self.settings.cache.url if self.settings.cache else "?",
-                        type(exc).__name__, exc)
-
-    def _learn_max_inputs(self, cap: int) -> None:
-        """Remember a smaller request size for every later bundle of this process."""
-        cap = max(1, cap)
-        if cap < self._max_inputs:
-            log.warning("embedpipe: the provider caps requests at %d inputs; sending at most "
-                        "that many from now on (set provider.max_inputs_per_request=%d)", cap, cap)
-            self._max_inputs = cap
-
-    def _abort(self, message: str) -> str:
-        with self._abort_lock:
-            if self._abort_message is None:
-                self._abort_message = redact(message, self._api_key)
-                log.error("embedpipe: aborting the run: %s", self._abort_message)
-            return self._abort_message
-
-    def _describe(self, exc: ProviderError) -> str:
-        return redact(exc.describe(), self._api_key)
-
-    def _usage(
-        self, request_id: str, provider_request_id: str | None, n_inputs: int,
-        prompt_tokens: int, total_tokens: int, estimated: bool, attempt: int,
-        http_status: int | None, outcome: str, error: str | None, t0: float,
-        started: dt.datetime,
-    ) -> UsageRecord:
-        return UsageRecord(
-            request_id=request_id,
-            provider_request_id=provider_request_id,
-            model=self.settings.provider.model,
-            n_inputs=n_inputs,
-            prompt_tokens=prompt_tokens,
-            total_tokens=total_tokens,
-            tokens_estimated=estimated,
-            attempt=attempt,
-            http_status=http_status,
-            outcome=outcome,
-            error=error,
-            latency_ms=(time.perf_counter() - t0) * 1000.0,
-            started_at=started,
-            worker=self.worker,
-        )
-
-
-def _rejects(chunks: Sequence[Chunk], reason: str, detail: str, attempts: int) -> list[Reject]:
-    return [
-        Reject(id=c.chunk_id, doc_id=c.doc_id, source=c.source, stage=STAGE_EMBED,
-               reason=reason, detail=detail, attempts=attempts)
-        for c in chunks
-    ]
-
-
-# -- the per-process session registry --------------------------------------------------------
-#
-# Deliberate module-level state: one EmbedSession per (process, run), created lazily by the first
-# DoFn that needs it and closed when the last one is torn down. Keyed by run id so that several
-# runs in one process (tests, notebooks) never share a limiter or an abort flag.
-
-_SESSIONS: dict[str, tuple[EmbedSession, int]] = {}
-_SESSIONS_LOCK = threading.Lock()
-
-
-def acquire_session(settings: EmbedSettings) -> EmbedSession:
-    with _SESSIONS_LOCK:
-        session, users = _SESSIONS.get(settings.run_id, (None, 0))
-        if session is None:
-            key_env = settings.provider.api_key_env
-            session = EmbedSession(settings, api_key=os.environ.get(key_env) if key_env else None)
-        _SESSIONS[settings.run_id] = (session, users + 1)
-        return session
-
-
-def release_session(settings: EmbedSettings) -> None:
-    with _SESSIONS_LOCK:
-        session, users = _SESSIONS.get(settings.run_id, (None, 0))
-        if session is None:
-            return
-        if users <= 1:
-            del _SESSIONS[settings.run_id]
-            session.close()
-        else:
-            _SESSIONS[settings.run_id] = (session, users - 1)
-
-
-# -- the Beam side ----------------------------------------------------------------------------
 
 
 class _EmbedMetrics:

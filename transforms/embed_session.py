@@ -1,0 +1,287 @@
+"""The embed session: one request bundle in, its vectors, rejects and usage rows out.
+
+Beam calls ``process`` one element at a time, and on the FnApiRunner a whole stage's input is
+often one Beam bundle, so concurrency cannot come from Beam. It lives here, per worker process:
+one :class:`EmbedSession` per process and run, shared by every DoFn instance and thread through
+a documented module-level registry (:func:`acquire_session`), so the rate budget is not
+multiplied by the number of threads.
+
+A session owns the process's HTTP client, provider, thread pool and cache index, and composes
+the parts that decide what happens to a request, each a small object of its own module:
+
+- :class:`~transforms.bisection.RequestCap` cuts a bundle into requests; :func:`~transforms.
+  bisection.bisect` splits a request refused for one input until that input is alone (only it
+  is rejected, with the provider's message), and a "too large" answer that states a cap lowers
+  the cap for every later bundle;
+- :class:`~transforms.metered.MeteredCall` sends each request through the rate limiter and the
+  retry policy, with one usage row per HTTP attempt (:class:`~transforms.usage.UsageRows`);
+- :class:`~transforms.abort.AbortFlag`: a fatal answer (bad key, no quota, unknown model) stops
+  the run: nothing more is sent, every remaining chunk becomes an ``aborted`` reject, so the run
+  still commits what it finished and exits 3.
+
+The HTTP transport and the clock are injected (``transport=``, as ``httpx.Client`` takes it, and
+``clock=``, passed on to the limiter, the retry waits and the provider), so the whole session
+runs in a unit test on ``httpx.MockTransport`` and a fake clock, without Beam and without
+sleeping.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import socket
+import threading
+from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import httpx
+
+from transforms.abort import AbortFlag
+from transforms.bisection import Refused, RequestCap, bisect, spans
+from transforms.cache import CacheIndex, CacheSpec, close_cache, open_cache
+from transforms.errors import FatalProviderError, ProviderError, RetryableError, redact
+from transforms.limits import MONOTONIC, Clock, RateLimiter, RateLimits
+from transforms.metered import MeteredCall
+from transforms.progress import ProgressReporter
+from transforms.providers import get_provider_class
+from transforms.providers.base import Provider
+from transforms.retry import RetryPolicy
+from transforms.sections import ProviderConfig
+from transforms.types import (
+    ABORTED,
+    PROVIDER_REJECTED,
+    RETRIES_EXHAUSTED,
+    STAGE_EMBED,
+    Bundle,
+    Chunk,
+    EmbeddedBatch,
+    Reject,
+    UsageRecord,
+)
+from transforms.usage import UsageRows
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class EmbedSettings:
+    """Everything a worker needs to embed, and nothing secret: the key is read on the worker."""
+
+    run_id: str
+    provider: ProviderConfig
+    limits: RateLimits  # this worker's share
+    max_concurrency: int
+    retry: RetryPolicy
+    progress_interval_s: float | None = 5.0  # None: no progress lines (--quiet)
+    cache: CacheSpec | None = None  # where finished vectors are remembered; None: no cache
+    workers: int = 1  # processes sharing the job (for this worker's share in the ETA)
+
+
+@dataclass
+class BundleOutcome:
+    """What one bundle produced; filled by one thread, then emitted by the DoFn."""
+
+    batches: list[EmbeddedBatch] = field(default_factory=list)
+    rejects: list[Reject] = field(default_factory=list)
+    usage: list[UsageRecord] = field(default_factory=list)
+    fatal: str | None = None
+
+
+class EmbedSession:
+    """The per-process embedding machinery for one run. Thread-safe; see the module docstring.
+
+    ``transport`` replaces the HTTP transport of the session's ``httpx.Client`` (tests pass an
+    ``httpx.MockTransport``); ``clock`` times the limiter, the retry waits and the provider's
+    own waits. A missing API key aborts the session at once: every bundle becomes rejects.
+
+    >>> session = EmbedSession(settings, api_key=None, transport=httpx.MockTransport(handler),
+    ...                        clock=fake_clock)                            # doctest: +SKIP
+    >>> outcome = session.embed_bundle(make_bundle(chunks))                # doctest: +SKIP
+    """
+
+    def __init__(
+        self,
+        settings: EmbedSettings,
+        *,
+        api_key: str | None,
+        clock: Clock = MONOTONIC,
+        transport: httpx.BaseTransport | None = None,
+    ) -> None:
+        self.settings = settings
+        self.clock = clock
+        self.provider: Provider = get_provider_class(settings.provider.kind)(
+            settings.provider, clock=clock)
+        self.limiter = RateLimiter(settings.limits, clock=clock)
+        self.worker = f"{socket.gethostname()}:{os.getpid()}"
+        self.abort = AbortFlag()
+        # Largest request the server accepted after a "too large" answer (learned, shrinks only).
+        self.cap = RequestCap(settings.provider.max_inputs_per_request)
+        self._api_key = api_key
+        self._metered = MeteredCall(
+            limiter=self.limiter,
+            retry=settings.retry,
+            rows=UsageRows(model=settings.provider.model, worker=self.worker),
+            clock=clock,
+            describe=self._describe,
+        )
+        timeout_s = settings.provider.timeout_s
+        self._client = httpx.Client(
+            timeout=httpx.Timeout(timeout_s, connect=min(10.0, timeout_s)),
+            limits=httpx.Limits(max_connections=settings.max_concurrency,
+                                max_keepalive_connections=settings.max_concurrency),
+            transport=transport,
+        )
+        self._executor = ThreadPoolExecutor(
+            max_workers=settings.max_concurrency, thread_name_prefix="embedpipe-embed"
+        )
+        self.cache: CacheIndex | None = (
+            open_cache(settings.cache) if settings.cache is not None else None)
+        self._progress = (
+            ProgressReporter(self.worker, settings.limits.tokens_per_minute,
+                             settings.progress_interval_s)
+            if settings.progress_interval_s else None
+        )
+        if settings.provider.api_key_env and not api_key:
+            self.abort.set(self._redact(
+                f"environment variable {settings.provider.api_key_env} is not set on worker "
+                f"{self.worker}; export it where the pipeline runs "
+                "(or set provider.api_key_env: null for a server without authentication)"
+            ))
+
+    # -- lifecycle --------------------------------------------------------------------------
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=True)
+        self._client.close()
+        if self.cache is not None and self.settings.cache is not None:
+            close_cache(self.settings.cache)
+        if self._progress is not None:
+            self._progress.close()
+
+    def submit(self, bundle: Bundle) -> Future[BundleOutcome]:
+        """Embed ``bundle`` on the session's thread pool."""
+        return self._executor.submit(self.embed_bundle, bundle)
+
+    # -- one bundle -------------------------------------------------------------------------
+
+    def embed_bundle(self, bundle: Bundle) -> BundleOutcome:
+        """Embed every chunk of ``bundle``: each ends in a batch or a reject, none in both."""
+        out = BundleOutcome()
+        if self._progress is not None:
+            self._progress.started()
+        send = functools.partial(self._send, bundle, out.usage)
+        for start, span in spans(bundle.chunks, self.cap.value):
+            for answer in bisect(span, send, offset=start, on_cap=self.cap.learn):
+                if isinstance(answer, EmbeddedBatch):
+                    out.batches.append(answer)
+                elif isinstance(answer, Refused):
+                    out.rejects.extend(_rejects(answer.items, PROVIDER_REJECTED,
+                                                self._describe(answer.error), 1))
+                else:
+                    out.rejects.extend(answer)
+        self._remember(out.batches)
+        if self._progress is not None:
+            self._progress.finished(sum(len(b) for b in out.batches), len(out.rejects), out.usage,
+                                    bundle.n_tokens)
+        out.fatal = self.abort.report_once()
+        return out
+
+    def _send(
+        self, bundle: Bundle, usage: list[UsageRecord], offset: int, chunks: Sequence[Chunk]
+    ) -> EmbeddedBatch | list[Reject]:
+        """One request for ``chunks`` (a span of ``bundle``): its vectors, or its rejects.
+
+        Per-input and "too large" errors are raised, for :func:`~transforms.bisection.bisect`
+        to split on; fatal and exhausted ones end the span here.
+        """
+        aborted = self.abort.message
+        if aborted is not None:
+            return _rejects(chunks, ABORTED, aborted, 0)
+        texts = [c.text for c in chunks]
+        est_tokens = sum(c.n_tokens for c in chunks)
+        try:
+            result = self._metered(
+                functools.partial(self.provider.embed, self._client, texts, self._api_key,
+                                  est_tokens),
+                request_id=f"{bundle.bundle_id}:{offset}+{len(chunks)}",
+                n_inputs=len(chunks),
+                est_tokens=est_tokens,
+                usage=usage,
+            )
+        except FatalProviderError as exc:
+            message = self.abort.set(
+                self._redact(f"the provider refused the run: {self._describe(exc)}"))
+            return _rejects(chunks, ABORTED, message, 1)
+        except RetryableError as exc:
+            attempts = self.settings.retry.max_attempts
+            detail = f"gave up after {attempts} attempts: {self._describe(exc)}"
+            return _rejects(chunks, RETRIES_EXHAUSTED, detail, attempts)
+        return EmbeddedBatch(chunks=tuple(chunks), model=self.settings.provider.model,
+                             vectors=result.vectors)
+
+    # -- helpers ----------------------------------------------------------------------------
+
+    def _remember(self, batches: list[EmbeddedBatch]) -> None:
+        """Commit the bundle's new vectors to the cache now, so a crash cannot lose them.
+
+        A cache that cannot be written costs money on a re-run, not correctness: the vectors
+        still reach the output, so a failure here is logged and the run goes on.
+        """
+        if self.cache is None or not batches:
+            return
+        try:
+            self.cache.write(batches)
+        except Exception as exc:  # noqa: BLE001 - see the docstring
+            log.warning("embedpipe: could not write to the cache at %s (%s: %s)",
+                        self.settings.cache.url if self.settings.cache else "?",
+                        type(exc).__name__, exc)
+
+    def _redact(self, text: str) -> str:
+        return redact(text, self._api_key)
+
+    def _describe(self, exc: ProviderError) -> str:
+        return self._redact(exc.describe())
+
+
+def _rejects(chunks: Sequence[Chunk], reason: str, detail: str, attempts: int) -> list[Reject]:
+    return [
+        Reject(id=c.chunk_id, doc_id=c.doc_id, source=c.source, stage=STAGE_EMBED,
+               reason=reason, detail=detail, attempts=attempts)
+        for c in chunks
+    ]
+
+
+# -- the per-process session registry --------------------------------------------------------
+#
+# Deliberate module-level state: one EmbedSession per (process, run), created lazily by the first
+# DoFn that needs it and closed when the last one is torn down. Keyed by run id so that several
+# runs in one process (tests, notebooks) never share a limiter or an abort flag.
+
+_SESSIONS: dict[str, tuple[EmbedSession, int]] = {}
+_SESSIONS_LOCK = threading.Lock()
+
+
+def acquire_session(settings: EmbedSettings) -> EmbedSession:
+    """The process's session for ``settings.run_id``, created on first use; pair with release."""
+    with _SESSIONS_LOCK:
+        session, users = _SESSIONS.get(settings.run_id, (None, 0))
+        if session is None:
+            key_env = settings.provider.api_key_env
+            session = EmbedSession(settings, api_key=os.environ.get(key_env) if key_env else None)
+        _SESSIONS[settings.run_id] = (session, users + 1)
+        return session
+
+
+def release_session(settings: EmbedSettings) -> None:
+    """Drop one user of the run's session; the last one closes it."""
+    with _SESSIONS_LOCK:
+        session, users = _SESSIONS.get(settings.run_id, (None, 0))
+        if session is None:
+            return
+        if users <= 1:
+            del _SESSIONS[settings.run_id]
+            session.close()
+        else:
+            _SESSIONS[settings.run_id] = (session, users - 1)
