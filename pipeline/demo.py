@@ -23,6 +23,7 @@ import pyarrow.parquet as pq
 
 from pipeline.cli import _setup_logging
 from pipeline.config import load_config
+from pipeline.exit_codes import EXIT_CONFIG
 from pipeline.local_server import EmbeddingServer
 from pipeline.run import RunRequest, execute
 from transforms.errors import ConfigError
@@ -68,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
             ])
         except ConfigError as exc:
             print(f"embedpipe: error: {exc}", file=sys.stderr)
-            return 2
+            return EXIT_CONFIG
         # Sample paths in the config are relative to the repository, not to the caller.
         paths = [str(REPO / p) for p in cfg.input.paths]
         cfg = cfg.model_copy(update={"input": cfg.input.model_copy(update={"path": paths})})

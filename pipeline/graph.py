@@ -28,11 +28,12 @@ import apache_beam as beam
 from apache_beam.pvalue import AsList, AsSingleton
 
 from pipeline.config import ArkConfig, Config, EnvelopeConfig
-from transforms.bundle import BundleCaps
+from transforms import tags
 from transforms.cache import CacheSpec, default_cache_root
 from transforms.embed import EmbedChunks, EmbedSettings
 from transforms.limits import RateLimits
 from transforms.manifest import CommitManifestFn, RunInfo
+from transforms.pack import BatchCaps
 from transforms.read import ReadCorpus
 from transforms.retry import RetryPolicy
 from transforms.split import SplitChunks
@@ -118,8 +119,8 @@ def embed_settings(cfg: Config, ctx: RunContext, cache: CacheSpec | None = None)
     )
 
 
-def bundle_caps(cfg: Config) -> BundleCaps:
-    return BundleCaps(
+def batch_caps(cfg: Config) -> BatchCaps:
+    return BatchCaps(
         max_inputs=cfg.provider.max_inputs_per_request,
         max_tokens=cfg.provider.max_tokens_per_request,
         max_bytes=cfg.provider.max_bytes_per_request,
@@ -140,27 +141,27 @@ def build_pipeline(p: beam.Pipeline, cfg: Config, ctx: RunContext) -> None:
     spec = output_spec(cfg, ctx)
     cache = cache_spec(cfg, ctx.run_id)
     read = p | "ReadCorpus" >> ReadCorpus(cfg.input, range_bytes=cfg.input.range_bytes)
-    valid = read["records"] | "ValidateDocuments" >> ValidateDocuments(cfg.validate_)
-    split = valid["documents"] | "SplitChunks" >> SplitChunks(cfg.split)
-    embedded = split["chunks"] | "EmbedChunks" >> EmbedChunks(
-        embed_settings(cfg, ctx, cache), bundle_caps(cfg))
+    valid = read[tags.RECORDS] | "ValidateDocuments" >> ValidateDocuments(cfg.validate_)
+    split = valid[tags.DOCUMENTS] | "SplitChunks" >> SplitChunks(cfg.split)
+    embedded = split[tags.CHUNKS] | "EmbedChunks" >> EmbedChunks(
+        embed_settings(cfg, ctx, cache), batch_caps(cfg))
 
     written = [
         p | "LauncherFiles" >> beam.Create(list(ctx.extra_files)),
-        embedded["vectors"] | "WriteVectors" >> WriteShards(VECTORS, spec),
-        embedded["usage"] | "WriteUsage" >> WriteShards(USAGE, spec),
-        valid["ids"] | "WriteIds" >> WriteShards(IDS, spec),
+        embedded[tags.VECTORS] | "WriteVectors" >> WriteShards(VECTORS, spec),
+        embedded[tags.USAGE] | "WriteUsage" >> WriteShards(USAGE, spec),
+        valid[tags.IDS] | "WriteIds" >> WriteShards(IDS, spec),
     ]
     for name, stage in (("Read", read), ("Validate", valid), ("Split", split),
                         ("Embed", embedded)):
-        written.append(stage["rejects"] | f"Write{name}Rejects" >> WriteShards(REJECTS, spec))
+        written.append(stage[tags.REJECTS] | f"Write{name}Rejects" >> WriteShards(REJECTS, spec))
     files = tuple(written) | "CollectFiles" >> beam.Flatten()
 
     def count(pcoll: beam.PCollection, label: str) -> AsSingleton:
         return AsSingleton(pcoll | label >> beam.combiners.Count.Globally())
 
-    chunks = split["totals"] | "CountChunks" >> beam.CombineGlobally(_chunk_totals)
-    cache_counts = embedded["cache"] | "SumCacheCounts" >> beam.CombineGlobally(
+    chunks = split[tags.TOTALS] | "CountChunks" >> beam.CombineGlobally(_chunk_totals)
+    cache_counts = embedded[tags.CACHE] | "SumCacheCounts" >> beam.CombineGlobally(
         lambda rows: _sum_columns(rows) or (0, 0, 0, 0))
     _ = (
         p
@@ -168,10 +169,10 @@ def build_pipeline(p: beam.Pipeline, cfg: Config, ctx: RunContext) -> None:
         | "CommitManifest" >> beam.ParDo(
             CommitManifestFn(run_info(cfg, ctx), spec, cache),
             files=AsList(files),
-            records_read=count(read["records"], "CountRecords"),
-            documents_valid=count(valid["documents"], "CountDocuments"),
+            records_read=count(read[tags.RECORDS], "CountRecords"),
+            documents_valid=count(valid[tags.DOCUMENTS], "CountDocuments"),
             chunks=AsSingleton(chunks),
-            fatal=AsList(embedded["fatal"]),
+            fatal=AsList(embedded[tags.FATAL]),
             cache_counts=AsSingleton(cache_counts),
         )
     )

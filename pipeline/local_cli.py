@@ -12,6 +12,7 @@ import os
 import signal
 import sys
 
+from pipeline.exit_codes import EXIT_CONFIG, EXIT_OK
 from pipeline.local_base import LoopbackServer
 from pipeline.local_model import DEFAULT_DIM, DEFAULT_MODEL
 from pipeline.local_openai import EmbeddingServer
@@ -51,7 +52,7 @@ def serve_local_main(argv: list[str] | None = None) -> int:
                 f"empty; export the key in it, or drop --api-key-env",
                 file=sys.stderr,
             )
-            return 2
+            return EXIT_CONFIG
     try:
         server = EmbeddingServer(args.host, args.port, args.dim, api_key)
     except OSError as exc:
@@ -60,10 +61,10 @@ def serve_local_main(argv: list[str] | None = None) -> int:
             f"choose another --port",
             file=sys.stderr,
         )
-        return 2
+        return EXIT_CONFIG
     print(f"embedpipe local server on {server.base_url} (dim={server.dim})", flush=True)
     serve_until_interrupted(server)
-    return 0
+    return EXIT_OK
 
 
 def serve_until_interrupted(server: LoopbackServer) -> None:

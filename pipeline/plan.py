@@ -1,6 +1,6 @@
 """``embedpipe plan``: what a run would do and cost, without a single API call.
 
-Runs the read, validate, split and bundle stages exactly as ``run`` does (the same transforms, so
+Runs the read, validate, split and pack stages exactly as ``run`` does (the same transforms, so
 the same documents, chunks and requests), then prints the documents, rejects by reason, chunks,
 tokens, requests, the estimated cost (``provider.price_per_million_tokens``) and the ideal wall
 time at the configured limits: ``max(tokens / TPM, requests / RPM)``. The token count is the
@@ -21,8 +21,9 @@ import apache_beam as beam
 from apache_beam.pvalue import AsList, AsSingleton
 
 from pipeline.config import Config
-from pipeline.graph import bundle_caps
-from transforms.bundle import PackBundles
+from pipeline.graph import batch_caps
+from transforms import tags
+from transforms.pack import PackRequests
 from transforms.read import ReadCorpus
 from transforms.split import SplitChunks
 from transforms.types import DUPLICATE_ID, STAGE_READ, STAGE_VALIDATE, Document
@@ -66,27 +67,27 @@ class _SummarizeFn(beam.DoFn):
 
 def build_plan_pipeline(p: beam.Pipeline, cfg: Config, summary_path: str) -> None:
     read = p | "ReadCorpus" >> ReadCorpus(cfg.input, range_bytes=cfg.input.range_bytes)
-    valid = read["records"] | "ValidateDocuments" >> ValidateDocuments(cfg.validate_)
+    valid = read[tags.RECORDS] | "ValidateDocuments" >> ValidateDocuments(cfg.validate_)
     # Every version of an id but the earliest is a duplicate_id reject in the run, settled at
     # its commit; here the losers are found first (from ids alone) and left out of the figures.
     losers = (
-        valid["ids"]
+        valid[tags.IDS]
         | "KeyIds" >> beam.FlatMap(lambda batch: [(i.doc_id, i) for i in batch.ids])
         | "GroupIds" >> beam.GroupByKey()
         | "Losers" >> beam.FlatMap(lambda kv: [(r.doc_id, r.source)
                                                for r in pick_winner(kv[1])[1]])
     )
-    winners = valid["documents"] | "DropLosers" >> beam.ParDo(_DropLosersFn(),
+    winners = valid[tags.DOCUMENTS] | "DropLosers" >> beam.ParDo(_DropLosersFn(),
                                                               losers=AsList(losers))
     split = winners | "SplitChunks" >> SplitChunks(cfg.split)
-    bundles = split["chunks"] | "PackBundles" >> PackBundles(bundle_caps(cfg))
+    batches = split[tags.CHUNKS] | "PackRequests" >> PackRequests(batch_caps(cfg))
     reasons = (
-        (read["rejects"], valid["rejects"], split["rejects"])
+        (read[tags.REJECTS], valid[tags.REJECTS], split[tags.REJECTS])
         | "CollectRejects" >> beam.Flatten()
         | "Reasons" >> beam.Map(lambda r: (r.stage, r.reason))
         | "CountReasons" >> beam.combiners.Count.PerElement()
     )
-    stats = bundles | "BundleSizes" >> beam.Map(lambda b: (len(b), b.n_tokens))
+    stats = batches | "BatchSizes" >> beam.Map(lambda b: (len(b), b.n_tokens))
     def count(pcoll: beam.PCollection, label: str) -> AsSingleton:
         return AsSingleton(pcoll | label >> beam.combiners.Count.Globally())
 
@@ -95,8 +96,8 @@ def build_plan_pipeline(p: beam.Pipeline, cfg: Config, summary_path: str) -> Non
         | "Start" >> beam.Create([None])
         | "Summarize" >> beam.ParDo(
             _SummarizeFn(summary_path),
-            records=count(read["records"], "CountRecords"),
-            documents=count(valid["documents"], "CountDocuments"),
+            records=count(read[tags.RECORDS], "CountRecords"),
+            documents=count(valid[tags.DOCUMENTS], "CountDocuments"),
             reasons=AsList(reasons),
             bundle_stats=AsList(stats),
             duplicates=count(losers, "CountDuplicates"),

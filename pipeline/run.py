@@ -37,8 +37,7 @@ from pipeline.config import Config
 from pipeline.exit_codes import EXIT_CRASHED, EXIT_FAILED_CHUNKS, EXIT_FATAL_PROVIDER, EXIT_OK
 from pipeline.graph import RunContext, build_pipeline, embed_settings, output_spec, run_info
 from pipeline.report import print_summary
-from transforms.bundle import make_bundle
-from transforms.embed import BundleOutcome, EmbedSession
+from transforms.embed import BatchOutcome, EmbedSession
 from transforms.errors import ConfigError
 from transforms.manifest import (
     STATUS_ABORTED,
@@ -50,6 +49,7 @@ from transforms.manifest import (
     utc_now,
     write_json_atomically,
 )
+from transforms.pack import make_request_batch
 from transforms.providers.base import CANNOT_CONNECT
 from transforms.retry import RetryPolicy
 from transforms.types import PROVIDER_REJECTED, Chunk
@@ -159,7 +159,7 @@ def close_runner_data_race() -> None:
     worker_handlers.DATA_BUFFER_TIME_LIMIT_MS = 0
 
 
-def preflight(cfg: Config, ctx: RunContext, api_key: str | None) -> BundleOutcome:
+def preflight(cfg: Config, ctx: RunContext, api_key: str | None) -> BatchOutcome:
     """One one-word request before anything starts, so a bad key, model or URL fails in seconds.
 
     It goes through the same session as the pipeline (provider, limiter, classification) with a
@@ -176,12 +176,12 @@ def preflight(cfg: Config, ctx: RunContext, api_key: str | None) -> BundleOutcom
         chunk = Chunk(chunk_id="preflight#0", doc_id="preflight", chunk_index=0, char_start=0,
                       char_end=len(PREFLIGHT_TEXT), n_tokens=2, content_sha256="",
                       text=PREFLIGHT_TEXT, source="embedpipe preflight")
-        return session.embed_bundle(make_bundle((chunk,)))
+        return session.embed_batch(make_request_batch((chunk,)))
     finally:
         session.close()
 
 
-def preflight_failure(cfg: Config, outcome: BundleOutcome) -> str | None:
+def preflight_failure(cfg: Config, outcome: BatchOutcome) -> str | None:
     """Why the preflight says the run cannot work, with what to check; None if it can."""
     p = cfg.provider
     last = outcome.usage[-1] if outcome.usage else None

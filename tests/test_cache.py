@@ -226,7 +226,7 @@ def test_sigkill_mid_embedding_then_same_command_resumes_paying_only_the_window(
 ) -> None:
     """A run killed with SIGKILL half-way through embedding, then re-run with the same command,
     commits a complete, aligned output with unique ids, and the provider answered at most
-    ``max_concurrency × max_inputs_per_request`` inputs twice: every bundle finished before the
+    ``max_concurrency × max_inputs_per_request`` inputs twice: every batch finished before the
     kill was in the cache, and the re-run took it from there (``cache.hits`` > 0).
     """
     documents = short_documents(600, seed=1)
@@ -274,7 +274,7 @@ def test_sigkill_mid_embedding_then_same_command_resumes_paying_only_the_window(
         assert killed["status"] == "partial"
         folder = cache_folder(tmp_path / ".embedpipe-cache")
         survived = set(cached_shas(folder, f"seg-{killed['run_id']}-*.arrow"))
-        assert survived, "no finished bundle reached the cache before the kill"
+        assert survived, "no finished request batch reached the cache before the kill"
 
         mark = len(server.stats.texts)
         second = subprocess.run(command, cwd=REPO, capture_output=True, text=True,
@@ -293,7 +293,7 @@ def test_sigkill_mid_embedding_then_same_command_resumes_paying_only_the_window(
         assert on_disk == listed
         assert not (output / "_temporary").exists()
 
-        # Paid twice: at most the bundles in flight at the kill.
+        # Paid twice: at most the request batches in flight at the kill.
         paid = paid_texts(server)
         assert set(paid) == set(chunks.values())
         served_twice = sum(n - 1 for n in paid.values() if n > 1)

@@ -1,7 +1,7 @@
 """The embed session without Beam: ``httpx.MockTransport`` for the provider, a fake clock for
 every wait, so nothing here sleeps.
 
-Session cases: poison in a bundle of 64, a learned request cap, an abort while requests are in
+Session cases: poison in a batch of 64, a learned request cap, an abort while requests are in
 flight, retries exhausted, an envelope job polled on the session's clock. Then the parts alone:
 :func:`~transforms.bisection.bisect` (example and property tests),
 :class:`~transforms.bisection.RequestCap`, :class:`~transforms.abort.AbortFlag`,
@@ -29,8 +29,7 @@ from hypothesis import strategies as st
 from tests.support.fakes import FakeClock, make_chunk
 from transforms.abort import AbortFlag
 from transforms.bisection import Refused, RequestCap, bisect, spans
-from transforms.bundle import make_bundle
-from transforms.embed_session import BundleOutcome, EmbedSession, EmbedSettings
+from transforms.embed_session import BatchOutcome, EmbedSession, EmbedSettings
 from transforms.errors import (
     FatalProviderError,
     InputRejectedError,
@@ -40,6 +39,7 @@ from transforms.errors import (
 )
 from transforms.limits import RateLimiter, RateLimits
 from transforms.metered import MeteredCall
+from transforms.pack import make_request_batch
 from transforms.providers.base import EmbeddingResult
 from transforms.providers.envelope import EnvelopeConfig
 from transforms.providers.openai import OpenAIConfig
@@ -52,8 +52,8 @@ from transforms.types import (
     PROVIDER_REJECTED,
     RETRIES_EXHAUSTED,
     STAGE_EMBED,
-    Bundle,
     Chunk,
+    RequestBatch,
 )
 from transforms.usage import Attempt, UsageRows
 
@@ -152,11 +152,12 @@ def open_session(clock: FakeClock) -> Iterator[Callable[..., EmbedSession]]:
         session.close()
 
 
-def bundle_of(n: int, prefix: str = "d") -> Bundle:
-    return make_bundle(tuple(make_chunk(f"{prefix}{i}", 0, f"{prefix} text {i}") for i in range(n)))
+def batch_of(n: int, prefix: str = "d") -> RequestBatch:
+    chunks = tuple(make_chunk(f"{prefix}{i}", 0, f"{prefix} text {i}") for i in range(n))
+    return make_request_batch(chunks)
 
 
-def embedded(outcome: BundleOutcome) -> dict[str, np.ndarray]:
+def embedded(outcome: BatchOutcome) -> dict[str, np.ndarray]:
     """Chunk id → vector over every batch, checking each row belongs to its chunk's text."""
     out: dict[str, np.ndarray] = {}
     for batch in outcome.batches:
@@ -169,10 +170,10 @@ def embedded(outcome: BundleOutcome) -> dict[str, np.ndarray]:
     return out
 
 
-def assert_accounted(bundle: Bundle, outcome: BundleOutcome) -> None:
-    """Every chunk of ``bundle`` is embedded or rejected, exactly once."""
+def assert_accounted(batch: RequestBatch, outcome: BatchOutcome) -> None:
+    """Every chunk of ``batch`` is embedded or rejected, exactly once."""
     done = list(embedded(outcome)) + [r.id for r in outcome.rejects]
-    assert sorted(done) == sorted(c.chunk_id for c in bundle.chunks)
+    assert sorted(done) == sorted(c.chunk_id for c in batch.chunks)
 
 
 # -- the session -------------------------------------------------------------------------------
@@ -181,8 +182,8 @@ def assert_accounted(bundle: Bundle, outcome: BundleOutcome) -> None:
 def test_one_poisoned_input_in_64_is_rejected_alone(
     open_session: Callable[..., EmbedSession], clock: FakeClock,
 ) -> None:
-    bundle = bundle_of(64)
-    poison = bundle.chunks[37]
+    batch = batch_of(64)
+    poison = batch.chunks[37]
 
     def refuse_poison(inputs: list[str]) -> httpx.Response | None:
         if poison.text in inputs:
@@ -191,13 +192,13 @@ def test_one_poisoned_input_in_64_is_rejected_alone(
         return None
 
     server = FakeEmbeddings(refuse_poison)
-    outcome = open_session(server).embed_bundle(bundle)
+    outcome = open_session(server).embed_batch(batch)
 
     assert [(r.id, r.reason, r.attempts, r.stage) for r in outcome.rejects] == [
         (poison.chunk_id, PROVIDER_REJECTED, 1, STAGE_EMBED)]
     assert outcome.rejects[0].detail == "HTTP 400 content_filter: input contains unsafe content"
-    assert set(embedded(outcome)) == {c.chunk_id for c in bundle.chunks} - {poison.chunk_id}
-    assert_accounted(bundle, outcome)
+    assert set(embedded(outcome)) == {c.chunk_id for c in batch.chunks} - {poison.chunk_id}
+    assert_accounted(batch, outcome)
     # 64, then both halves at each of six levels: 2·log2(64) + 1 requests, none retried.
     assert len(server.requests) == 2 * int(math.log2(64)) + 1 == 13
     # the halves of a failed request may go in either order; the poison ends up sent alone
@@ -220,18 +221,18 @@ def test_a_stated_cap_is_learned_once_and_obeyed_by_later_bundles(
 
     server = FakeEmbeddings(tei_cap)
     session = open_session(server)
-    first, second = bundle_of(64, "a"), bundle_of(64, "b")
+    first, second = batch_of(64, "a"), batch_of(64, "b")
     with caplog.at_level(logging.WARNING):
-        outcomes = [session.embed_bundle(first), session.embed_bundle(second)]
+        outcomes = [session.embed_batch(first), session.embed_batch(second)]
 
     assert session.cap.value == 8
     assert server.statuses.count(413) == 1
     assert server.sizes == [64] + [8] * 8 + [8] * 8
     assert sum("caps requests at 8 inputs" in r.getMessage() for r in caplog.records) == 1
-    for bundle, outcome in zip((first, second), outcomes, strict=True):
+    for batch, outcome in zip((first, second), outcomes, strict=True):
         assert outcome.rejects == []
         assert len(embedded(outcome)) == 64
-        assert_accounted(bundle, outcome)
+        assert_accounted(batch, outcome)
 
 
 def test_an_oversized_request_without_a_stated_cap_is_only_bisected(
@@ -240,7 +241,7 @@ def test_an_oversized_request_without_a_stated_cap_is_only_bisected(
     server = FakeEmbeddings(lambda inputs: error(413, {"error": {"message": "payload too large"}})
                             if len(inputs) > 20 else None)
     session = open_session(server)
-    outcome = session.embed_bundle(bundle_of(64))
+    outcome = session.embed_batch(batch_of(64))
     assert server.sizes == [64, 32, 16, 16, 32, 16, 16]
     assert len(embedded(outcome)) == 64
     assert session.cap.value == 256  # the configured cap: nothing was stated to learn
@@ -250,7 +251,7 @@ def test_a_fatal_answer_aborts_the_session_while_others_are_in_flight(
     open_session: Callable[..., EmbedSession],
 ) -> None:
     in_flight, release = threading.Event(), threading.Event()
-    slow, refused, late = bundle_of(64, "slow"), bundle_of(4, "refused"), bundle_of(5, "late")
+    slow, refused, late = batch_of(64, "slow"), batch_of(4, "refused"), batch_of(5, "late")
 
     def rule(inputs: list[str]) -> httpx.Response | None:
         if inputs[0].startswith("refused"):  # the key was revoked: the API echoes part of it
@@ -269,7 +270,7 @@ def test_a_fatal_answer_aborts_the_session_while_others_are_in_flight(
     aborting = session.submit(refused).result(timeout=30)
     release.set()
     finished = pending.result(timeout=30)
-    after = session.embed_bundle(late)
+    after = session.embed_batch(late)
 
     message = session.abort.message
     assert message is not None and message.startswith(
@@ -284,7 +285,7 @@ def test_a_fatal_answer_aborts_the_session_while_others_are_in_flight(
     assert {(r.reason, r.attempts, r.detail) for r in finished.rejects} == {(ABORTED, 0, message)}
     assert_accounted(slow, finished)
     assert finished.fatal is None  # reported once, by the first outcome after the abort
-    # A bundle after the abort sends nothing at all.
+    # A batch after the abort sends nothing at all.
     assert after.batches == [] and after.usage == [] and after.fatal is None
     assert {(r.reason, r.attempts) for r in after.rejects} == {(ABORTED, 0)}
     assert_accounted(late, after)
@@ -298,7 +299,7 @@ def test_a_missing_key_aborts_before_anything_is_sent(clock: FakeClock) -> None:
     session = EmbedSession(make_settings(), api_key=None, clock=clock,
                            transport=server.transport())
     try:
-        outcome = session.embed_bundle(bundle_of(3))
+        outcome = session.embed_batch(batch_of(3))
     finally:
         session.close()
     assert server.requests == []
@@ -314,14 +315,14 @@ def test_a_persistent_503_exhausts_the_retries_on_the_fake_clock(
     server = FakeEmbeddings(lambda inputs: error(503, {"error": {"message": "overloaded"}},
                                                  **headers), clock=clock)
     policy = RetryPolicy(max_attempts=4, max_wait_s=30.0, initial_wait_s=1.0)
-    bundle = bundle_of(5)
+    batch = batch_of(5)
     start = clock.now()
-    outcome = open_session(server, retry=policy).embed_bundle(bundle)
+    outcome = open_session(server, retry=policy).embed_batch(batch)
 
     assert len(server.requests) == 4
     assert {(r.reason, r.attempts, r.detail) for r in outcome.rejects} == {
         (RETRIES_EXHAUSTED, 4, "gave up after 4 attempts: HTTP 503: overloaded")}
-    assert_accounted(bundle, outcome)
+    assert_accounted(batch, outcome)
     assert [(u.attempt, u.outcome, u.http_status) for u in outcome.usage] == [
         (1, OUTCOME_RETRY, 503), (2, OUTCOME_RETRY, 503), (3, OUTCOME_RETRY, 503),
         (4, OUTCOME_FAILED, 503)]
@@ -361,8 +362,8 @@ def test_the_session_clock_times_an_envelope_job_without_a_monkeypatch(clock: Fa
     session = EmbedSession(make_settings(provider=cfg), api_key=None, clock=clock,
                            transport=httpx.MockTransport(handle))
     try:
-        bundle = bundle_of(3)
-        outcome = session.embed_bundle(bundle)
+        batch = batch_of(3)
+        outcome = session.embed_batch(batch)
     finally:
         session.close()
     assert session.provider.clock is clock
@@ -565,5 +566,5 @@ def test_metered_call_slows_down_on_a_429_and_accounts_every_attempt(clock: Fake
 
 
 def test_chunk_helper_is_what_the_session_sees() -> None:  # guards the fixtures above
-    chunk: Chunk = bundle_of(1).chunks[0]
+    chunk: Chunk = batch_of(1).chunks[0]
     assert (chunk.chunk_id, chunk.text, chunk.n_tokens) == ("d0#0", "d text 0", 1)

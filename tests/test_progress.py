@@ -26,7 +26,7 @@ def test_line_counts_chunks_requests_throttles_and_tokens() -> None:
     assert "8 chunks embedded, 0 failed" in line
     assert "2 requests, 1 throttled" in line
     assert "1.5k in all" in line
-    assert "1 bundles in flight" in line
+    assert "1 batches in flight" in line
     assert "of this worker's 60.0k limit" in line
 
 

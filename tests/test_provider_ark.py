@@ -1,8 +1,8 @@
 """The Ark provider: its error table, client-side dimension reduction, config checks, and whole
-runs against :class:`tests.ark_server.ArkServer`, one per behaviour a documented code must cause.
+runs against :class:`tests.support.ark_server.ArkServer`, one per behaviour a documented code must cause.
 
 End-to-end tests run the real pipeline (``pipeline.run.execute``) and check the committed output
-against an oracle computed here, from :class:`~pipeline.local_server.HashingEmbedder` alone: the
+against an oracle computed here, from :class:`~pipeline.local_model.HashingEmbedder` alone: the
 native vector of each chunk's text, cut to ``dimensions`` and L2-normalised.
 """
 

@@ -3,7 +3,7 @@ machine, and whole runs of the pipeline against an envelope server on loopback.
 
 Unit tests drive :meth:`EnvelopeProvider.embed` through ``httpx.MockTransport`` on a fake clock,
 so polling never sleeps. End-to-end tests run ``pipeline.run.execute`` against
-:class:`tests.envelope_server.EnvelopeServer` and check the committed output against the
+:class:`tests.support.envelope_server.EnvelopeServer` and check the committed output against the
 server's embedder and its own count of what it served.
 """
 

@@ -51,7 +51,7 @@ def test_tei_batch_cap_is_learned_and_the_run_succeeds(tmp_path: Path) -> None:
     assert manifest["counts"]["chunks_embedded"] == len(expected_chunks(expected.documents))
     usage = t["usage"].to_pylist()
     too_large = [u for u in usage if u["http_status"] == 413]
-    assert 1 <= len(too_large) <= 2  # learned once (per bundle in flight), not per request
+    assert 1 <= len(too_large) <= 2  # learned once (per request batch in flight), not per request
     assert all(u["n_inputs"] <= TeiServer.MAX_BATCH for u in usage if u["outcome"] == "ok")
 
 

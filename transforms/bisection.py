@@ -105,7 +105,7 @@ class RequestCap:
     """The most inputs one request may carry: the configured cap, lowered by what servers state.
 
     Shrinks only, and is shared by every thread of a session, so once one request learns that
-    the server takes at most ``n`` inputs, every later bundle is cut to ``n`` before it is sent
+    the server takes at most ``n`` inputs, every later batch is cut to ``n`` before it is sent
     instead of being refused first (text-embeddings-inference's ``--max-client-batch-size``).
 
     >>> cap = RequestCap(256)

@@ -27,37 +27,34 @@ from typing import Any
 import apache_beam as beam
 from apache_beam.metrics import Metrics
 
-from transforms.bundle import BundleCaps, BundlePacker
+from transforms import tags
 from transforms.embed_session import (
-    BundleOutcome,
+    BatchOutcome,
     EmbedSession,
     EmbedSettings,
     acquire_session,
     release_session,
 )
 from transforms.outputs import in_global_window
+from transforms.pack import BatchCaps, RequestPacker
 from transforms.types import (
     OUTCOME_OK,
     OUTCOME_RETRY,
-    Bundle,
     Chunk,
     EmbeddedBatch,
     Reject,
+    RequestBatch,
     UsageRecord,
 )
 
 # The session's names are re-exported: the composition root builds settings and runs the
 # preflight through this module, the stage's one entry point.
 __all__ = [
-    "LOOKUP_GROUP", "TAG_CACHE", "TAG_FATAL", "TAG_REJECTS", "TAG_USAGE", "BundleOutcome",
+    "LOOKUP_GROUP", "BatchOutcome",
     "CacheCounts", "EmbedChunks", "EmbedChunksFn", "EmbedSession", "EmbedSettings",
     "acquire_session", "release_freed_memory", "release_session",
 ]
 
-TAG_REJECTS = "rejects"
-TAG_USAGE = "usage"
-TAG_FATAL = "fatal"
-TAG_CACHE = "cache"
 
 
 class _EmbedMetrics:
@@ -77,7 +74,7 @@ class _EmbedMetrics:
         self.chunks_failed = counter("chunks_failed")
         self.latency_ms = Metrics.distribution("embedpipe", "request_latency_ms")
 
-    def record(self, outcome: BundleOutcome) -> None:
+    def record(self, outcome: BatchOutcome) -> None:
         for row in outcome.usage:
             self.requests.inc()
             self.latency_ms.update(int(row.latency_ms))
@@ -146,14 +143,14 @@ class EmbedChunksFn(beam.DoFn):
     same text waits for its vector instead of being sent again. Keeping that state inside one
     DoFn keeps it inside one Beam bundle, so a retried bundle replays all of it, and nothing a
     bundle owns is ever emitted by another. The parts are small objects of their own modules:
-    :class:`~transforms.cache.CacheIndex`, :class:`~transforms.bundle.BundlePacker` and the
+    :class:`~transforms.cache.CacheIndex`, :class:`~transforms.pack.RequestPacker` and the
     process's :class:`EmbedSession`.
 
     Memory is bounded by ``LOOKUP_GROUP`` chunks, one request in the packer and
     ``max_concurrency`` requests in flight, whatever the size of the Beam bundle.
     """
 
-    def __init__(self, settings: EmbedSettings, caps: BundleCaps) -> None:
+    def __init__(self, settings: EmbedSettings, caps: BatchCaps) -> None:
         self.settings = settings
         self.caps = caps
         self._session: EmbedSession | None = None
@@ -164,8 +161,8 @@ class EmbedChunksFn(beam.DoFn):
 
     def start_bundle(self) -> None:
         self._waiting: list[Chunk] = []
-        self._packer = BundlePacker(self.caps)
-        self._inflight: deque[tuple[Bundle, Future[BundleOutcome]]] = deque()
+        self._packer = RequestPacker(self.caps)
+        self._inflight: deque[tuple[RequestBatch, Future[BatchOutcome]]] = deque()
         self._claimed: dict[str, list[Chunk]] = {}
         self._counts = CacheCounts()
 
@@ -180,7 +177,7 @@ class EmbedChunksFn(beam.DoFn):
             outputs.extend(self._emit(*self._inflight.popleft()))
         if self._claimed:  # every claim is settled by the answer of the chunk that holds it
             raise AssertionError(f"{len(self._claimed)} chunks were left waiting for a vector")
-        outputs.append(beam.pvalue.TaggedOutput(TAG_CACHE, self._counts.as_tuple()))
+        outputs.append(beam.pvalue.TaggedOutput(tags.CACHE, self._counts.as_tuple()))
         yield from in_global_window(outputs)
 
     def teardown(self) -> None:
@@ -218,17 +215,17 @@ class EmbedChunksFn(beam.DoFn):
             self._counts.misses += 1
             yield from self._submit(self._packer.add(chunk))
 
-    def _submit(self, bundles: Iterator[Bundle]) -> Iterator[object]:
+    def _submit(self, requests: Iterator[RequestBatch]) -> Iterator[object]:
         assert self._session is not None
-        for bundle in bundles:
-            self._inflight.append((bundle, self._session.submit(bundle)))
+        for request in requests:
+            self._inflight.append((request, self._session.submit(request)))
             while len(self._inflight) >= self.settings.max_concurrency:
                 wait([f for _, f in self._inflight], return_when=FIRST_COMPLETED)
                 for item in [x for x in self._inflight if x[1].done()]:
                     self._inflight.remove(item)
                     yield from self._emit(*item)
 
-    def _emit(self, bundle: Bundle, future: Future[BundleOutcome]) -> Iterator[object]:
+    def _emit(self, request: RequestBatch, future: Future[BatchOutcome]) -> Iterator[object]:
         """A finished request's outputs, with every chunk that waited on one of its texts."""
         outcome = future.result()
         release_freed_memory()
@@ -238,20 +235,20 @@ class EmbedChunksFn(beam.DoFn):
             self._metrics.chunks_embedded.inc(len(batch))
             yield batch
         by_key: dict[tuple[str, str], list[Chunk]] = {}
-        for chunk in bundle.chunks:
+        for chunk in request.chunks:
             by_key.setdefault((chunk.chunk_id, chunk.source), []).append(chunk)
         for reject in outcome.rejects:
             chunk = by_key[(reject.id or "", reject.source)].pop()
             twins = self._claimed.pop(chunk.content_sha256, ())
             self._metrics.chunks_failed.inc(1 + len(twins))
-            yield beam.pvalue.TaggedOutput(TAG_REJECTS, reject)
+            yield beam.pvalue.TaggedOutput(tags.REJECTS, reject)
             for twin in twins:
-                yield beam.pvalue.TaggedOutput(TAG_REJECTS, replace(
+                yield beam.pvalue.TaggedOutput(tags.REJECTS, replace(
                     reject, id=twin.chunk_id, doc_id=twin.doc_id, source=twin.source))
         for usage in outcome.usage:
-            yield beam.pvalue.TaggedOutput(TAG_USAGE, usage)
+            yield beam.pvalue.TaggedOutput(tags.USAGE, usage)
         if outcome.fatal is not None:
-            yield beam.pvalue.TaggedOutput(TAG_FATAL, outcome.fatal)
+            yield beam.pvalue.TaggedOutput(tags.FATAL, outcome.fatal)
 
     def _with_twins(self, batch: EmbeddedBatch) -> EmbeddedBatch:
         """``batch`` plus the chunks that waited for one of its texts, each with its vector."""
@@ -274,7 +271,7 @@ class EmbedChunks(beam.PTransform):
     ``cache`` holds one :meth:`CacheCounts.as_tuple` per Beam bundle.
     """
 
-    def __init__(self, settings: EmbedSettings, caps: BundleCaps) -> None:
+    def __init__(self, settings: EmbedSettings, caps: BatchCaps) -> None:
         super().__init__()
         self.settings = settings
         self.caps = caps
@@ -283,13 +280,13 @@ class EmbedChunks(beam.PTransform):
         results = chunks | "CallProvider" >> beam.ParDo(
             EmbedChunksFn(self.settings, self.caps)
         ).with_output_types(
-            EmbeddedBatch, **{TAG_REJECTS: Reject, TAG_USAGE: UsageRecord, TAG_FATAL: str,
-                              TAG_CACHE: typing.Any}
-        ).with_outputs(TAG_REJECTS, TAG_USAGE, TAG_FATAL, TAG_CACHE, main="vectors")
+            EmbeddedBatch, **{tags.REJECTS: Reject, tags.USAGE: UsageRecord, tags.FATAL: str,
+                              tags.CACHE: typing.Any}
+        ).with_outputs(tags.REJECTS, tags.USAGE, tags.FATAL, tags.CACHE, main=tags.VECTORS)
         return {
-            "vectors": results.vectors,
-            "rejects": results[TAG_REJECTS],
-            "usage": results[TAG_USAGE],
-            "fatal": results[TAG_FATAL],
-            "cache": results[TAG_CACHE],
+            tags.VECTORS: results.vectors,
+            tags.REJECTS: results[tags.REJECTS],
+            tags.USAGE: results[tags.USAGE],
+            tags.FATAL: results[tags.FATAL],
+            tags.CACHE: results[tags.CACHE],
         }

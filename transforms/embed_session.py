@@ -1,4 +1,4 @@
-"""The embed session: one request bundle in, its vectors, rejects and usage rows out.
+"""The embed session: one request batch in, its vectors, rejects and usage rows out.
 
 Beam calls ``process`` one element at a time, and on the FnApiRunner a whole stage's input is
 often one Beam bundle, so concurrency cannot come from Beam. It lives here, per worker process:
@@ -9,10 +9,10 @@ multiplied by the number of threads.
 A session owns the process's HTTP client, provider, thread pool and cache index, and composes
 the parts that decide what happens to a request, each a small object of its own module:
 
-- :class:`~transforms.bisection.RequestCap` cuts a bundle into requests; :func:`~transforms.
+- :class:`~transforms.bisection.RequestCap` cuts a batch into requests; :func:`~transforms.
   bisection.bisect` splits a request refused for one input until that input is alone (only it
   is rejected, with the provider's message), and a "too large" answer that states a cap lowers
-  the cap for every later bundle;
+  the cap for every later batch;
 - :class:`~transforms.metered.MeteredCall` sends each request through the rate limiter and the
   retry policy, with one usage row per HTTP attempt (:class:`~transforms.usage.UsageRows`);
 - :class:`~transforms.abort.AbortFlag`: a fatal answer (bad key, no quota, unknown model) stops
@@ -54,10 +54,10 @@ from transforms.types import (
     PROVIDER_REJECTED,
     RETRIES_EXHAUSTED,
     STAGE_EMBED,
-    Bundle,
     Chunk,
     EmbeddedBatch,
     Reject,
+    RequestBatch,
     UsageRecord,
 )
 from transforms.usage import UsageRows
@@ -80,8 +80,8 @@ class EmbedSettings:
 
 
 @dataclass
-class BundleOutcome:
-    """What one bundle produced; filled by one thread, then emitted by the DoFn."""
+class BatchOutcome:
+    """What one batch produced; filled by one thread, then emitted by the DoFn."""
 
     batches: list[EmbeddedBatch] = field(default_factory=list)
     rejects: list[Reject] = field(default_factory=list)
@@ -94,11 +94,11 @@ class EmbedSession:
 
     ``transport`` replaces the HTTP transport of the session's ``httpx.Client`` (tests pass an
     ``httpx.MockTransport``); ``clock`` times the limiter, the retry waits and the provider's
-    own waits. A missing API key aborts the session at once: every bundle becomes rejects.
+    own waits. A missing API key aborts the session at once: every batch becomes rejects.
 
     >>> session = EmbedSession(settings, api_key=None, transport=httpx.MockTransport(handler),
     ...                        clock=fake_clock)                            # doctest: +SKIP
-    >>> outcome = session.embed_bundle(make_bundle(chunks))                # doctest: +SKIP
+    >>> outcome = session.embed_batch(make_request_batch(chunks))                # doctest: +SKIP
     """
 
     def __init__(
@@ -160,19 +160,19 @@ class EmbedSession:
         if self._progress is not None:
             self._progress.close()
 
-    def submit(self, bundle: Bundle) -> Future[BundleOutcome]:
-        """Embed ``bundle`` on the session's thread pool."""
-        return self._executor.submit(self.embed_bundle, bundle)
+    def submit(self, batch: RequestBatch) -> Future[BatchOutcome]:
+        """Embed ``batch`` on the session's thread pool."""
+        return self._executor.submit(self.embed_batch, batch)
 
-    # -- one bundle -------------------------------------------------------------------------
+    # -- one batch -------------------------------------------------------------------------
 
-    def embed_bundle(self, bundle: Bundle) -> BundleOutcome:
-        """Embed every chunk of ``bundle``: each ends in a batch or a reject, none in both."""
-        out = BundleOutcome()
+    def embed_batch(self, batch: RequestBatch) -> BatchOutcome:
+        """Embed every chunk of ``batch``: each ends embedded or rejected, never both."""
+        out = BatchOutcome()
         if self._progress is not None:
             self._progress.started()
-        send = functools.partial(self._send, bundle, out.usage)
-        for start, span in spans(bundle.chunks, self.cap.value):
+        send = functools.partial(self._send, batch, out.usage)
+        for start, span in spans(batch.chunks, self.cap.value):
             for answer in bisect(span, send, offset=start, on_cap=self.cap.learn):
                 if isinstance(answer, EmbeddedBatch):
                     out.batches.append(answer)
@@ -184,14 +184,14 @@ class EmbedSession:
         self._remember(out.batches)
         if self._progress is not None:
             self._progress.finished(sum(len(b) for b in out.batches), len(out.rejects), out.usage,
-                                    bundle.n_tokens)
+                                    batch.n_tokens)
         out.fatal = self.abort.report_once()
         return out
 
     def _send(
-        self, bundle: Bundle, usage: list[UsageRecord], offset: int, chunks: Sequence[Chunk]
+        self, batch: RequestBatch, usage: list[UsageRecord], offset: int, chunks: Sequence[Chunk]
     ) -> EmbeddedBatch | list[Reject]:
-        """One request for ``chunks`` (a span of ``bundle``): its vectors, or its rejects.
+        """One request for ``chunks`` (a span of ``batch``): its vectors, or its rejects.
 
         Per-input and "too large" errors are raised, for :func:`~transforms.bisection.bisect`
         to split on; fatal and exhausted ones end the span here.
@@ -205,7 +205,7 @@ class EmbedSession:
             result = self._metered(
                 functools.partial(self.provider.embed, self._client, texts, self._api_key,
                                   est_tokens),
-                request_id=f"{bundle.bundle_id}:{offset}+{len(chunks)}",
+                request_id=f"{batch.batch_id}:{offset}+{len(chunks)}",
                 n_inputs=len(chunks),
                 est_tokens=est_tokens,
                 usage=usage,
@@ -224,7 +224,7 @@ class EmbedSession:
     # -- helpers ----------------------------------------------------------------------------
 
     def _remember(self, batches: list[EmbeddedBatch]) -> None:
-        """Commit the bundle's new vectors to the cache now, so a crash cannot lose them.
+        """Commit the batch's new vectors to the cache now, so a crash cannot lose them.
 
         A cache that cannot be written costs money on a re-run, not correctness: the vectors
         still reach the output, so a failure here is logged and the run goes on.

@@ -15,7 +15,7 @@ Retry and abort decisions test these classes, never httpx's.
         │   ├── RateLimitedError    429 / throttling: also slows the limiter down
         │   └── MalformedResponseError  unparseable body, wrong count, index or dimension
         ├── InputRejectedError      the provider refused the content of an input (400/422)
-        ├── RequestTooLargeError    the request is over a server cap (413): shrink the bundle
+        ├── RequestTooLargeError    the request is over a server cap (413): shrink the request
         └── FatalProviderError      bad key, no quota, unknown model: abort the run (exit 3)
 
 No message built here contains a secret: provider messages are passed through :func:`redact`
@@ -100,7 +100,7 @@ class InputRejectedError(ProviderError):
 
 
 class RequestTooLargeError(ProviderError):
-    """The request exceeds a server-side cap on inputs or bytes; a smaller bundle will pass.
+    """The request exceeds a server-side cap on inputs or bytes; a smaller request will pass.
 
     ``max_inputs`` is the server's cap on inputs per request when its message said it
     (text-embeddings-inference: "batch size 64 > maximum allowed batch size 8").

@@ -1,6 +1,6 @@
 """Client-side rate limiting: requests-per-minute and tokens-per-minute token buckets.
 
-One :class:`RateLimiter` exists per worker process (see :mod:`transforms.embed`) and is shared by
+One :class:`RateLimiter` exists per worker process (see :mod:`transforms.embed_session`) and is shared by
 every thread and DoFn instance in it, so the budget is not multiplied by the thread count. With N
 worker processes each one is built with ``1/N`` of the configured limits.
 

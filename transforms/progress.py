@@ -1,11 +1,11 @@
 """Progress lines from the embed stage: what each worker process is doing, every few seconds.
 
-One :class:`ProgressReporter` per embed session (so per worker process and run). Bundles report
+One :class:`ProgressReporter` per embed session (so per worker process and run). Batches report
 their outcome as they finish; a daemon thread logs one line per interval while work goes on, and
 a last line when the session closes::
 
     embedpipe progress host:4242: 5120 chunks embedded, 3 failed | 212 requests, 4 throttled |
-    61.2k tokens/min (98% of this worker's 62.5k limit), 1.2M in all | 16 bundles in flight |
+    61.2k tokens/min (98% of this worker's 62.5k limit), 1.2M in all | 16 batches in flight |
     ETA 4m10s
 
 The ETA divides this worker's share of the job's tokens (known once the chunks to send are
@@ -99,7 +99,7 @@ class ProgressReporter:
                 f"{self._failed} failed | {self._requests} requests, {self._throttled} throttled | "
                 f"{_si(rate)} tokens/min ({share:.0f}% of this worker's "
                 f"{_si(self.tokens_per_minute)} limit), {_si(self._tokens)} in all | "
-                f"{self._in_flight} bundles in flight{self._eta(now)}"
+                f"{self._in_flight} batches in flight{self._eta(now)}"
             )
 
     def _eta(self, now: float) -> str:

@@ -44,12 +44,13 @@ Example::
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import Final, Literal
+from typing import Literal
 
 import apache_beam as beam
 from apache_beam.metrics import Metrics
 from apache_beam.pvalue import PBegin, PCollection, TaggedOutput
 
+from transforms import tags
 from transforms.errors import InputError
 from transforms.read_formats import (
     RANGE_BYTES,
@@ -62,7 +63,7 @@ from transforms.read_formats import (
 from transforms.read_ranges import _CUTTERS, plan_ranges
 
 __all__ = [
-    "RANGE_BYTES", "REJECTS", "UNKNOWN_FORMAT", "_CUTTERS", "MatchFilesFn", "PlanRangesFn", "ReadCorpus",
+    "RANGE_BYTES", "UNKNOWN_FORMAT", "_CUTTERS", "MatchFilesFn", "PlanRangesFn", "ReadCorpus",
     "ReadRecordsFn", "expand_pattern", "plan_ranges", "read_range", "read_records",
 ]
 from transforms.sections import InputConfig
@@ -75,7 +76,6 @@ from transforms.types import (
     SourceFile,
 )
 
-REJECTS: Final = "rejects"
 """Tag of the reject outputs of this stage's DoFns."""
 
 
@@ -99,11 +99,11 @@ class MatchFilesFn(beam.DoFn):
         try:
             files = expand_pattern(pattern, self._cfg.storage_options, self._cfg.format)
         except InputError as exc:
-            yield TaggedOutput(REJECTS, _reject(pattern, UNREADABLE_FILE, str(exc)))
+            yield TaggedOutput(tags.REJECTS, _reject(pattern, UNREADABLE_FILE, str(exc)))
             return
         if not files:
             yield TaggedOutput(
-                REJECTS,
+                tags.REJECTS,
                 _reject(
                     pattern,
                     NO_FILES_MATCHED,
@@ -130,7 +130,7 @@ class PlanRangesFn(beam.DoFn):
         self._files_read.inc()
         for item in plan_ranges(source, self._cfg, self._range_bytes):
             if isinstance(item, Reject):
-                yield TaggedOutput(REJECTS, item)
+                yield TaggedOutput(tags.REJECTS, item)
             else:
                 self._file_ranges.inc()
                 yield item
@@ -150,7 +150,7 @@ class ReadRecordsFn(beam.DoFn):
     ) -> Iterator[RawRecord | TaggedOutput[Literal["rejects"], Reject]]:
         for item in read_range(part, self._cfg):
             if isinstance(item, Reject):
-                yield TaggedOutput(REJECTS, item)
+                yield TaggedOutput(tags.REJECTS, item)
             else:
                 self._records_read.inc()
                 yield item
@@ -177,7 +177,7 @@ class ReadCorpus(beam.PTransform):
             pbegin
             | "ListPatterns" >> beam.Create(self._cfg.paths)
             | "MatchFiles"
-            >> beam.ParDo(MatchFilesFn(self._cfg)).with_outputs(REJECTS, main="files")
+            >> beam.ParDo(MatchFilesFn(self._cfg)).with_outputs(tags.REJECTS, main=tags.FILES)
         )
         planned = (
             matched.files
@@ -188,16 +188,15 @@ class ReadCorpus(beam.PTransform):
             | "OncePerFile" >> beam.MapTuple(lambda _, same: min(same, key=lambda s: s.root))
             | "PlanRanges"
             >> beam.ParDo(PlanRangesFn(self._cfg, self._range_bytes)).with_outputs(
-                REJECTS, main="ranges"
+                tags.REJECTS, main=tags.RANGES
             )
         )
         read = (
             planned.ranges
             | "SpreadRanges" >> beam.Reshuffle()
             | "ReadRecords"
-            >> beam.ParDo(ReadRecordsFn(self._cfg)).with_outputs(REJECTS, main="records")
+            >> beam.ParDo(ReadRecordsFn(self._cfg)).with_outputs(tags.REJECTS, main=tags.RECORDS)
         )
-        rejects = (matched[REJECTS], planned[REJECTS], read[REJECTS]) | "MergeRejects" >> (
-            beam.Flatten()
-        )
-        return {"records": read.records, "rejects": rejects}
+        side = (matched[tags.REJECTS], planned[tags.REJECTS], read[tags.REJECTS])
+        rejects = side | "MergeRejects" >> beam.Flatten()
+        return {tags.RECORDS: read.records, tags.REJECTS: rejects}

@@ -4,7 +4,7 @@ One policy object, built from ``retry.*`` config, composed from tenacity strateg
 
 - retry only :class:`~transforms.errors.RetryableError` (429, 5xx, timeouts, resets, malformed or
   misaligned answers). Per-input and fatal errors are never retried: they are handled by
-  bisection and abort in :mod:`transforms.embed`.
+  bisection (:mod:`transforms.bisection`) and the abort flag (:mod:`transforms.abort`).
 - wait what the provider asked for (``Retry-After`` / ``retry-after-ms``) when it said so, else
   exponential backoff with full jitter (many workers compete for one API, so their retries must
   spread out), both capped at ``retry.max_wait_s``.

@@ -35,6 +35,7 @@ import apache_beam as beam
 import numpy as np
 from apache_beam.pvalue import TaggedOutput
 
+from transforms import tags
 from transforms.outputs import in_global_window
 from transforms.sections import SplitConfig
 from transforms.tokens import Tokenizer, get_tokenizer
@@ -47,10 +48,6 @@ from transforms.types import (
     Reject,
     fingerprint,
 )
-
-CHUNKS = "chunks"
-REJECTS = "rejects"
-TOTALS = "totals"  # (chunks made, checksum) per Beam bundle
 
 # Ranks of the boundaries found by _BREAK; a space, below them all, is looked for separately.
 _PARAGRAPH, _LINE, _SENTENCE = 3, 2, 1
@@ -148,10 +145,11 @@ class SplitChunks(beam.PTransform):
         split = (
             beam.ParDo(_SplitDocumentFn(self._cfg))
             .with_input_types(Document)
-            .with_output_types(Chunk, **{REJECTS: Reject, TOTALS: typing.Any})
+            .with_output_types(Chunk, **{tags.REJECTS: Reject, tags.TOTALS: typing.Any})
         )
-        outputs = documents | "SplitDocuments" >> split.with_outputs(REJECTS, TOTALS, main=CHUNKS)
-        return {CHUNKS: outputs[CHUNKS], REJECTS: outputs[REJECTS], TOTALS: outputs[TOTALS]}
+        outputs = documents | "SplitDocuments" >> split.with_outputs(
+            tags.REJECTS, tags.TOTALS, main=tags.CHUNKS)
+        return {tag: outputs[tag] for tag in (tags.CHUNKS, tags.REJECTS, tags.TOTALS)}
 
 
 class _SplitDocumentFn(beam.DoFn):
@@ -176,7 +174,7 @@ class _SplitDocumentFn(beam.DoFn):
         # The run's accounting (see transforms.manifest): counted here, where chunks are made,
         # one element per Beam bundle, so counting costs nothing per chunk downstream.
         yield from in_global_window(
-            [TaggedOutput(TOTALS, (self._made, self._checksum % FINGERPRINT_MODULUS))])
+            [TaggedOutput(tags.TOTALS, (self._made, self._checksum % FINGERPRINT_MODULUS))])
 
     def process(self, doc: Document) -> Iterator[Chunk | TaggedOutput]:
         self._batch.append(doc)
@@ -199,7 +197,7 @@ class _SplitDocumentFn(beam.DoFn):
                 # Any failure, not only ValueError: one bad document must not fail (and endlessly
                 # retry) the bundle that holds it. The reject row says what went wrong.
                 yield TaggedOutput(
-                    REJECTS,
+                    tags.REJECTS,
                     Reject(
                         id=doc.doc_id,
                         doc_id=doc.doc_id,

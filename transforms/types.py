@@ -2,12 +2,12 @@
 
 Every record is a frozen, slotted dataclass. Stages never mutate an element they receive; they
 build a new one (``dataclasses.replace``) so that Beam may hand the same object to several
-consumers, and so that a retried bundle sees exactly what the first attempt saw.
+consumers, and so that a retried Beam bundle sees exactly what the first attempt saw.
 
 Flow::
 
-    SourceFile ─read─► RawRecord ─validate─► Document ─split─► Chunk ─pack─► Bundle
-    Bundle ─embed─► EmbeddedBatch | Reject | UsageRecord ─write─► WrittenFile ─► manifest.json
+    SourceFile ─read─► RawRecord ─validate─► Document ─split─► Chunk ─pack─► RequestBatch
+    RequestBatch ─embed─► EmbeddedBatch | Reject | UsageRecord ─write─► WrittenFile ─► manifest.json
 
 Metadata is kept as a tuple of ``(name, value)`` pairs in the order of ``input.metadata_fields``:
 hashable, picklable and impossible to mutate by accident, unlike a shared ``dict``.
@@ -174,14 +174,14 @@ class Chunk:
 
 
 @dataclass(frozen=True, slots=True)
-class Bundle:
+class RequestBatch:
     """The chunks of one embedding request, within every provider cap.
 
-    ``bundle_id`` is derived from the chunk ids, so the same chunks always form the same id in
+    ``batch_id`` is derived from the chunk ids, so the same chunks always form the same id in
     logs and usage rows.
     """
 
-    bundle_id: str
+    batch_id: str
     chunks: tuple[Chunk, ...]
     n_tokens: int
     n_bytes: int

@@ -20,7 +20,7 @@ from transforms.types import OUTCOME_FAILED, OUTCOME_OK, OUTCOME_RETRY, UsageRec
 class Attempt:
     """One HTTP attempt of a logical request, as its usage row reports it.
 
-    ``request_id`` names the attempt (``<bundle>:<offset>+<n>:<attempt>``); ``latency_ms`` is
+    ``request_id`` names the attempt (``<batch>:<offset>+<n>:<attempt>``); ``latency_ms`` is
     the time from sending to the answer, after the limiter admitted it.
     """
 

@@ -30,6 +30,7 @@ from typing import TypeVar
 import apache_beam as beam
 import numpy as np
 
+from transforms import tags
 from transforms.outputs import in_global_window
 from transforms.sections import ValidateConfig
 from transforms.sorted_runs import SortedRuns
@@ -48,9 +49,6 @@ from transforms.types import (
     Reject,
     format_source,
 )
-
-TAG_REJECTS = "rejects"
-TAG_IDS = "ids"
 
 
 def normalize_id(value: object) -> str | None:
@@ -220,7 +218,7 @@ class _ValidateFn(beam.DoFn):
     def process(self, record: RawRecord) -> Iterator[object]:
         result = validate_record(record, self.max_document_bytes)
         if isinstance(result, Reject):
-            yield beam.pvalue.TaggedOutput(TAG_REJECTS, result)
+            yield beam.pvalue.TaggedOutput(tags.REJECTS, result)
             return
         self._batch.append(result)
         if len(self._batch) >= ADMIT_BATCH:
@@ -236,12 +234,12 @@ class _ValidateFn(beam.DoFn):
         ids: list[DocumentId] = []
         for i, item in enumerate(admitted):
             if isinstance(item, Reject):
-                yield beam.pvalue.TaggedOutput(TAG_REJECTS, item)
+                yield beam.pvalue.TaggedOutput(tags.REJECTS, item)
             else:
                 yield item
                 ids.append(DocumentId(item.doc_id, item.source_url, item.position, int(keys[i])))
         if ids:  # one element per batch: a document's id costs no Beam element of its own
-            yield beam.pvalue.TaggedOutput(TAG_IDS, DocumentIds(tuple(ids)))
+            yield beam.pvalue.TaggedOutput(tags.IDS, DocumentIds(tuple(ids)))
 
 
 class ValidateDocuments(beam.PTransform):
@@ -258,7 +256,7 @@ class ValidateDocuments(beam.PTransform):
         checked = records | "CheckRecords" >> beam.ParDo(
             _ValidateFn(self.cfg.max_document_bytes)
         ).with_output_types(
-            Document, **{TAG_REJECTS: Reject, TAG_IDS: DocumentIds}
-        ).with_outputs(TAG_REJECTS, TAG_IDS, main="documents")
-        return {"documents": checked.documents, "rejects": checked[TAG_REJECTS],
-                "ids": checked[TAG_IDS]}
+            Document, **{tags.REJECTS: Reject, tags.IDS: DocumentIds}
+        ).with_outputs(tags.REJECTS, tags.IDS, main=tags.DOCUMENTS)
+        return {tags.DOCUMENTS: checked.documents, tags.REJECTS: checked[tags.REJECTS],
+                tags.IDS: checked[tags.IDS]}
