@@ -64,3 +64,14 @@ def test_no_import_cycle() -> None:
         if name not in state:
             visit(name, [name])
     assert cycles == []
+
+
+MAX_LINES = 600
+
+
+def test_no_source_file_is_over_600_lines() -> None:
+    """A module a newcomer can read in one sitting; past this, split it by responsibility."""
+    roots = [*PACKAGES, "tests", "examples"]
+    long = {str(p.relative_to(REPO)): n for root in roots for p in sorted((REPO / root).rglob("*.py"))
+            if (n := len(p.read_text(encoding="utf-8").splitlines())) > MAX_LINES}
+    assert long == {}
