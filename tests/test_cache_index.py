@@ -143,3 +143,26 @@ def test_the_index_reads_keys_files_and_falls_back_to_the_segments(tmp_path: Pat
     hits, got = rebuilt.lookup([chunk(t, i) for i, t in enumerate(texts)])
     assert hits == list(range(300))
     np.testing.assert_array_equal(got, vectors)
+
+
+def test_lookup_groups_are_views_of_segments_for_runs_and_copies_otherwise(
+        tmp_path: Path) -> None:
+    texts = [f"segment text {i}" for i in range(512)]
+    vectors = vectors_for(texts)
+    index = CacheIndex(spec(tmp_path))
+    for start in (0, 256):  # two segments of 256 rows
+        part = tuple(chunk(t, start + i) for i, t in enumerate(texts[start:start + 256]))
+        index.write([EmbeddedBatch(part, "m", vectors[start:start + 256])])
+    fresh = CacheIndex(spec(tmp_path, "run-b"))  # reads the segments from disk
+    # A re-run's probe: a run of each segment, a miss between them, one row out of order.
+    probe = [chunk(t) for t in texts[10:20]] + [chunk("not cached")] + [
+        chunk(t) for t in (texts[300], texts[299], texts[301])]
+    groups = sorted(fresh.lookup_groups(probe), key=lambda g: int(g[0][0]))
+    assert [g[0].tolist() for g in groups] == [list(range(10)), [11, 12, 13]]
+    (_, first), (_, second) = groups
+    np.testing.assert_array_equal(first, vectors[10:20])
+    assert first.base is not None and not first.flags.owndata  # a slice of the decoded segment
+    np.testing.assert_array_equal(second, vectors[[300, 299, 301]])
+    hits, matrix = fresh.lookup(probe)  # the joined form keeps the probe's order
+    assert hits == [*range(10), 11, 12, 13]
+    np.testing.assert_array_equal(matrix, vectors[[*range(10, 20), 300, 299, 301]])

@@ -100,8 +100,37 @@ def sha_prefixes(shas: Sequence[str]) -> np.ndarray:
     if not len(shas):
         return np.zeros(0, dtype=np.uint64)
     head = "".join(s[:16] for s in shas).encode("ascii")
-    digits = _HEX_VALUE[np.frombuffer(head, np.uint8).reshape(-1, 16)]
-    return (digits << _NIBBLE_SHIFTS).sum(axis=1, dtype=np.uint64)
+    return _prefixes_of(np.frombuffer(head, np.uint8).reshape(-1, 16))
+
+
+def _prefixes_of(hex_digits: np.ndarray) -> np.ndarray:
+    """``uint64`` keys from an ``(n, 16)`` array of ASCII hex digits."""
+    return (_HEX_VALUE[hex_digits] << _NIBBLE_SHIFTS).sum(axis=1, dtype=np.uint64)
+
+
+def sha_keys(shas: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+    """Each hex sha256 as 64 ASCII bytes (``S64``) and its 8-byte key, both vectorised.
+
+    The full digests let a probe check every hit against the stored digest with one array
+    comparison instead of a Python comparison per chunk.
+    """
+    joined = "".join(shas).encode("ascii", "replace")
+    if len(joined) != 64 * len(shas):  # not all sha256 hex digests: compare what there is
+        full = np.array([s.encode("ascii", "replace") for s in shas], dtype="S64")
+        return full, sha_prefixes(shas)
+    full = np.frombuffer(joined, dtype="S64")
+    return full, _prefixes_of(full.view(np.uint8).reshape(-1, 64)[:, :16])
+
+
+def _digests(column: pa.ChunkedArray) -> np.ndarray:
+    """A ``content_sha256`` column as ``S64`` bytes, without a Python string per row."""
+    array = column.combine_chunks()
+    try:
+        fixed = array.cast(pa.binary(64))
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError):  # a digest of another length
+        return np.array([s.encode("ascii", "replace") for s in array.to_pylist()], dtype="S64")
+    return np.frombuffer(fixed.buffers()[1], dtype="S64", count=len(fixed),
+                         offset=fixed.offset * 64)
 
 
 # -- segments ----------------------------------------------------------------------------------
@@ -148,7 +177,7 @@ def _is_segment(path: str) -> bool:
     return not name.startswith(".") and name.endswith((SEGMENT_SUFFIX, LEGACY_SUFFIX))
 
 
-_Decoded = tuple[list[str], np.ndarray, np.ndarray]  # shas, vectors, usable rows
+_Decoded = tuple[np.ndarray, np.ndarray, np.ndarray]  # digests (S64), vectors, usable rows
 
 
 class CacheIndex:
@@ -223,40 +252,51 @@ class CacheIndex:
     def lookup(self, chunks: Sequence[Chunk]) -> tuple[list[int], np.ndarray]:
         """The positions in ``chunks`` whose text is cached, and their vectors (one per hit).
 
-        Hits are gathered a segment at a time (one fancy index per segment, not a row at a
-        time); a hit whose full sha256 differs (a prefix collision) or whose stored vector is
+        :meth:`lookup_groups` joined into one matrix in the order of ``chunks``: for tests and
+        callers that want one answer; the embed stage takes the groups as they are.
+        """
+        groups = self.lookup_groups(chunks)
+        if not groups:
+            return [], np.zeros((0, 0), dtype=np.float32)
+        taken = np.concatenate([positions for positions, _ in groups])
+        order = np.argsort(taken, kind="stable")
+        return taken[order].tolist(), np.concatenate([v for _, v in groups])[order]
+
+    def lookup_groups(self, chunks: Sequence[Chunk]) -> list[tuple[np.ndarray, np.ndarray]]:
+        """The cached texts among ``chunks``, as ``(positions, vectors)`` per segment hit.
+
+        One group per segment, so a re-run's vectors are never copied into one matrix and
+        reordered: a group whose rows are a run of its segment (the usual case, segments are
+        hit in the order they were written) is a view of the decoded segment, with no copy at
+        all. A hit whose full sha256 differs (a prefix collision) or whose stored vector is
         unusable (not finite, or all zeros) is a miss.
         """
-        empty = np.zeros((0, 0), dtype=np.float32)
         if not chunks:
-            return [], empty
-        keys = sha_prefixes([c.content_sha256 for c in chunks])
+            return []
+        digests, keys = sha_keys([c.content_sha256 for c in chunks])
         with self._lock:
             if not len(self._keys):
-                return [], empty
+                return []
             found, segment, row = self._keys.find(keys)
         positions = np.flatnonzero(found)
-        if not len(positions):
-            return [], empty
-        taken: list[np.ndarray] = []
-        blocks: list[np.ndarray] = []
+        groups: list[tuple[np.ndarray, np.ndarray]] = []
         for number in np.unique(segment[positions]):
             decoded = self._segment(int(number))
             if decoded is None:
                 continue
-            shas, matrix, usable = decoded
+            stored, matrix, usable = decoded
             at = positions[segment[positions] == number]
             rows = row[at].astype(np.intp)
-            keep = np.array([rows[k] < len(shas) and shas[rows[k]] == chunks[p].content_sha256
-                             for k, p in enumerate(at.tolist())], dtype=bool)
+            keep = rows < len(stored)
+            keep[keep] &= stored[rows[keep]] == digests[at[keep]]
             keep[keep] &= usable[rows[keep]]
-            if keep.any():
-                taken.append(at[keep])
-                blocks.append(matrix[rows[keep]])
-        if not taken:
-            return [], empty
-        order = np.argsort(np.concatenate(taken), kind="stable")
-        return np.concatenate(taken)[order].tolist(), np.concatenate(blocks)[order]
+            if not keep.any():
+                continue
+            at, rows = at[keep], rows[keep]
+            contiguous = bool(np.all(np.diff(rows) == 1))
+            vectors = matrix[rows[0]:rows[-1] + 1] if contiguous else matrix[rows]
+            groups.append((at, vectors))
+        return groups
 
     def _segment(self, number: int) -> _Decoded | None:
         """A segment's shas, vectors and usable-row mask, decoded once and kept while recent.
@@ -298,7 +338,7 @@ class CacheIndex:
         # (or if one is huge: such a vector is not served either), and 0 only for all zeros.
         norms = np.einsum("ij,ij->i", matrix, matrix)
         usable = np.isfinite(norms) & (norms > 0)
-        decoded = (table.column("content_sha256").to_pylist(), matrix, usable)
+        decoded = (_digests(table.column("content_sha256")), matrix, usable)
         with self._lock:
             self._prefetching.pop(number, None)
             self._decoded[number] = decoded

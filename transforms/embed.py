@@ -25,6 +25,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 import apache_beam as beam
+import numpy as np
 from apache_beam.metrics import Metrics
 
 from transforms import tags
@@ -193,16 +194,20 @@ class EmbedChunksFn(beam.DoFn):
         chunks, self._waiting = self._waiting, []
         cache = self._session.cache
         if cache is not None and chunks:
-            hits, vectors = cache.lookup(chunks)
-            if hits:
-                served = tuple(chunks[i] for i in hits)
+            served_at: list[np.ndarray] = []
+            for positions, vectors in cache.lookup_groups(chunks):
+                served = tuple(chunks[i] for i in positions.tolist())
                 self._counts.hits += len(served)
                 self._counts.tokens_saved += sum(c.n_tokens for c in served)
                 self._metrics.chunks_embedded.inc(len(served))
+                served_at.append(positions)
                 yield EmbeddedBatch(chunks=served, model=self.settings.provider.model,
                                     vectors=vectors)
-                taken = set(hits)
-                chunks = [c for i, c in enumerate(chunks) if i not in taken]
+            if served_at:
+                missed = np.ones(len(chunks), dtype=bool)
+                for positions in served_at:
+                    missed[positions] = False
+                chunks = [chunks[i] for i in np.flatnonzero(missed).tolist()]
         for chunk in chunks:
             if cache is not None:
                 twins = self._claimed.get(chunk.content_sha256)

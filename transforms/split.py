@@ -116,7 +116,8 @@ def split_document(
             start = len(doc.text) - len(doc.text.lstrip())
             return [_make_chunk(doc, 0, start, start + len(stripped), n_tokens)]
     spans = _Splitter(doc.text, tokenizer, max_tokens, overlap_tokens).spans()
-    return [_make_chunk(doc, index, *span) for index, span in enumerate(spans)]
+    source = doc.source
+    return [_make_chunk(doc, index, *span, source=source) for index, span in enumerate(spans)]
 
 
 def fast_path(stripped: str, max_tokens: int) -> bool:
@@ -182,17 +183,32 @@ class _SplitDocumentFn(beam.DoFn):
             yield from self._split_batch()
 
     def _split_batch(self) -> Iterator[Chunk | TaggedOutput]:
-        """Split the waiting documents, counting those that may fit whole in one call."""
+        """Split the waiting documents, counting those that may fit whole in one call.
+
+        A document that fits whole (most of them) becomes its one chunk right here, from the
+        batched count: this loop runs once per document of the corpus, and the general
+        splitter's checks and calls would cost more than making the chunk.
+        """
         docs, self._batch = self._batch, []
         max_tokens = self._cfg.max_tokens
         stripped = [d.text.strip() for d in docs]
         candidates = [i for i, text in enumerate(stripped) if text and fast_path(text, max_tokens)]
         counted = dict(zip(candidates, self._tokenizer.count_many([stripped[i] for i in candidates]),
                            strict=True))
+        made = checksum = 0
         for i, doc in enumerate(docs):
+            whole = counted.get(i)
+            if whole is not None and whole <= max_tokens:
+                text = stripped[i]
+                start = len(doc.text) - len(doc.text.lstrip())
+                chunk = _make_chunk(doc, 0, start, start + len(text), whole, text, doc.source)
+                made += 1
+                checksum += chunk.fingerprint
+                yield chunk
+                continue
             try:
                 chunks = split_document(doc, self._tokenizer, max_tokens,
-                                        self._cfg.overlap_tokens, whole_tokens=counted.get(i))
+                                        self._cfg.overlap_tokens, whole_tokens=whole)
             except Exception as exc:  # noqa: BLE001
                 # Any failure, not only ValueError: one bad document must not fail (and endlessly
                 # retry) the bundle that holds it. The reject row says what went wrong.
@@ -208,14 +224,21 @@ class _SplitDocumentFn(beam.DoFn):
                     ),
                 )
                 continue
-            self._chunks.inc(len(chunks))
-            self._made += len(chunks)
-            self._checksum += sum(c.fingerprint for c in chunks)
+            made += len(chunks)
+            checksum += sum(c.fingerprint for c in chunks)
             yield from chunks
+        self._chunks.inc(made)
+        self._made += made
+        self._checksum = (self._checksum + checksum) % FINGERPRINT_MODULUS
 
 
-def _make_chunk(doc: Document, index: int, start: int, end: int, n_tokens: int) -> Chunk:
-    text = doc.text[start:end]
+def _make_chunk(doc: Document, index: int, start: int, end: int, n_tokens: int,
+                text: str | None = None, source: str | None = None) -> Chunk:
+    """Chunk ``index`` of ``doc``: ``doc.text[start:end]`` (``text``, when the caller has it)."""
+    if text is None:
+        text = doc.text[start:end]
+    if source is None:
+        source = doc.source
     chunk_id = f"{doc.doc_id}#{index}"
     return Chunk(
         chunk_id=chunk_id,
@@ -227,9 +250,9 @@ def _make_chunk(doc: Document, index: int, start: int, end: int, n_tokens: int) 
         # surrogatepass: a lone surrogate must not make hashing fail; it hashes as its raw bytes.
         content_sha256=hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest(),
         text=text,
-        source=doc.source,
+        source=source,
         metadata=doc.metadata,
-        fingerprint=fingerprint(chunk_id, doc.source),
+        fingerprint=fingerprint(chunk_id, source),
     )
 
 

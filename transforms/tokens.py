@@ -189,7 +189,8 @@ def count_tokens(name: str, text: str) -> int:
 
 
 def _replace_surrogates(text: str) -> str:
-    return _SURROGATES.sub("\ufffd", text)
+    # ASCII text (most corpora) has no surrogate: a 30 ns check instead of a 3 us regex pass.
+    return text if text.isascii() else _SURROGATES.sub("\ufffd", text)
 
 
 def _segments(text: str) -> Iterator[tuple[int, int]]:

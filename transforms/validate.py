@@ -89,7 +89,7 @@ def validate_record(record: RawRecord, max_document_bytes: int) -> Document | Re
     if not text.strip():
         return reject(EMPTY_TEXT, "text is empty or whitespace only")
     try:
-        size = len(text.encode("utf-8"))
+        size = len(text) if text.isascii() else len(text.encode("utf-8"))
     except UnicodeEncodeError as exc:
         # JSON "\\ud800" escapes decode to lone surrogates: valid JSON, not valid Unicode text.
         return reject(INVALID_UTF8, f"text holds an unpaired surrogate at character {exc.start}")
