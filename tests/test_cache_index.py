@@ -155,14 +155,25 @@ def test_lookup_groups_are_views_of_segments_for_runs_and_copies_otherwise(
         index.write([EmbeddedBatch(part, "m", vectors[start:start + 256])])
     fresh = CacheIndex(spec(tmp_path, "run-b"))  # reads the segments from disk
     # A re-run's probe: a run of each segment, a miss between them, one row out of order.
-    probe = [chunk(t) for t in texts[10:20]] + [chunk("not cached")] + [
+    probe = [chunk(t) for t in texts[10:210]] + [chunk("not cached")] + [
         chunk(t) for t in (texts[300], texts[299], texts[301])]
     groups = sorted(fresh.lookup_groups(probe), key=lambda g: int(g[0][0]))
-    assert [g[0].tolist() for g in groups] == [list(range(10)), [11, 12, 13]]
+    assert [g[0].tolist() for g in groups] == [list(range(200)), [201, 202, 203]]
     (_, first), (_, second) = groups
-    np.testing.assert_array_equal(first, vectors[10:20])
+    np.testing.assert_array_equal(first, vectors[10:210])
     assert first.base is not None and not first.flags.owndata  # a slice of the decoded segment
     np.testing.assert_array_equal(second, vectors[[300, 299, 301]])
     hits, matrix = fresh.lookup(probe)  # the joined form keeps the probe's order
-    assert hits == [*range(10), 11, 12, 13]
-    np.testing.assert_array_equal(matrix, vectors[[*range(10, 20), 300, 299, 301]])
+    assert hits == [*range(200), 201, 202, 203]
+    np.testing.assert_array_equal(matrix, vectors[[*range(10, 210), 300, 299, 301]])
+
+
+def test_a_few_rows_of_a_segment_are_copied_not_pinned(tmp_path: Path) -> None:
+    texts = [f"pinned text {i}" for i in range(256)]
+    vectors = vectors_for(texts)
+    index = CacheIndex(spec(tmp_path))
+    index.write([EmbeddedBatch(tuple(chunk(t, i) for i, t in enumerate(texts)), "m", vectors)])
+    [(positions, got)] = CacheIndex(spec(tmp_path, "run-b")).lookup_groups([chunk(texts[5])])
+    assert positions.tolist() == [0]
+    np.testing.assert_array_equal(got, vectors[5:6])
+    assert got.flags.owndata or got.base.nbytes == got.nbytes  # not a window on 256 rows

@@ -266,9 +266,10 @@ class CacheIndex:
         """The cached texts among ``chunks``, as ``(positions, vectors)`` per segment hit.
 
         One group per segment, so a re-run's vectors are never copied into one matrix and
-        reordered: a group whose rows are a run of its segment (the usual case, segments are
-        hit in the order they were written) is a view of the decoded segment, with no copy at
-        all. A hit whose full sha256 differs (a prefix collision) or whose stored vector is
+        reordered: a group whose rows are a run over most of its segment (the usual case in a
+        re-run, segments are hit in the order they were written) is a view of the decoded
+        segment, with no copy at all; a scattered group is gathered (a view would pin a whole
+        segment for a few rows). A hit whose full sha256 differs (a prefix collision) or whose stored vector is
         unusable (not finite, or all zeros) is a miss.
         """
         if not chunks:
@@ -293,8 +294,10 @@ class CacheIndex:
             if not keep.any():
                 continue
             at, rows = at[keep], rows[keep]
-            contiguous = bool(np.all(np.diff(rows) == 1))
-            vectors = matrix[rows[0]:rows[-1] + 1] if contiguous else matrix[rows]
+            # A view keeps the whole decoded segment alive until the rows are written: only
+            # worth it (and only safe for memory) when the rows are most of the segment.
+            whole_run = 2 * len(rows) >= len(matrix) and bool(np.all(np.diff(rows) == 1))
+            vectors = matrix[rows[0]:rows[-1] + 1] if whole_run else matrix[rows]
             groups.append((at, vectors))
         return groups
 
