@@ -14,15 +14,12 @@ EmbedSession`, shared by every DoFn instance and thread of the process; see
 
 from __future__ import annotations
 
-import ctypes
 import functools
-import time
 import typing
 from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, wait
 from dataclasses import dataclass, replace
-from typing import Any
 
 import apache_beam as beam
 import numpy as np
@@ -38,6 +35,11 @@ from transforms.embed_session import (
 )
 from transforms.outputs import in_global_window
 from transforms.pack import BatchCaps, RequestPacker
+from transforms.process_memory import (
+    release_freed_memory,
+    restore_garbage_collector,
+    tune_garbage_collector,
+)
 from transforms.types import (
     OUTCOME_OK,
     OUTCOME_RETRY,
@@ -53,7 +55,7 @@ from transforms.types import (
 __all__ = [
     "LOOKUP_GROUP", "BatchOutcome",
     "CacheCounts", "EmbedChunks", "EmbedChunksFn", "EmbedSession", "EmbedSettings",
-    "acquire_session", "release_freed_memory", "release_session",
+    "acquire_session", "release_session",
 ]
 
 
@@ -88,36 +90,6 @@ class _EmbedMetrics:
 
 
 
-#: Seconds between two hand-backs of freed heap memory to the system (see below).
-TRIM_INTERVAL_S = 2.0
-_last_trim = 0.0
-
-
-def release_freed_memory() -> None:
-    """Give freed heap pages back to the system, at most every ``TRIM_INTERVAL_S``.
-
-    Each answer is megabytes (body, decoded vectors) allocated on one of the request threads;
-    glibc keeps freed blocks in per-thread arenas, and its adaptive mmap threshold soon serves
-    such sizes from those arenas, so a process's RSS crept up by ~140 MB over a million chunks
-    while the live Python heap stayed flat (tracemalloc). ``malloc_trim`` returns the free pages;
-    elsewhere (no glibc) this does nothing.
-    """
-    global _last_trim
-    now = time.monotonic()
-    if now - _last_trim < TRIM_INTERVAL_S or _MALLOC_TRIM is None:
-        return
-    _last_trim = now
-    _MALLOC_TRIM(0)
-
-
-def _malloc_trim() -> Any:
-    try:
-        return ctypes.CDLL("libc.so.6").malloc_trim
-    except (OSError, AttributeError):
-        return None
-
-
-_MALLOC_TRIM = _malloc_trim()
 
 #: Chunks looked up in the cache at once: one vectorised probe of the index per group.
 LOOKUP_GROUP = 2048
@@ -158,6 +130,8 @@ class EmbedChunksFn(beam.DoFn):
         self._metrics = _EmbedMetrics()
 
     def setup(self) -> None:
+        tune_garbage_collector()
+        self._gc_tuned = True
         self._session = acquire_session(self.settings)
 
     def start_bundle(self) -> None:
@@ -185,6 +159,9 @@ class EmbedChunksFn(beam.DoFn):
         if self._session is not None:
             release_session(self.settings)
             self._session = None
+        if getattr(self, "_gc_tuned", False):
+            self._gc_tuned = False
+            restore_garbage_collector()
 
     # -- routing -------------------------------------------------------------------------------
 
