@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any, Final
 
 import fsspec
+import orjson
 import pyarrow.parquet as pq
 from fsspec.core import OpenFile, has_magic, url_to_fs
 from fsspec.spec import AbstractFileSystem
@@ -238,6 +239,26 @@ def _read_jsonl(
 
 
 def _parse_json_line(raw: bytes, url: str, line: int, cfg: InputConfig) -> RawRecord | Reject:
+    try:
+        # orjson first: a third of the time of json for a clean line, on the one loop that
+        # runs once per record of the corpus. Anything it refuses (bad UTF-8, lone surrogates,
+        # NaN, bad JSON) or may read differently goes through json, whose answer and error
+        # messages are the reference: records and reject reasons do not depend on the parser.
+        value = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return _parse_json_line_slowly(raw, url, line, cfg)
+    if not isinstance(value, dict) or any(
+            isinstance(value.get(name), _MAYBE_NOT_AS_JSON_READS) for name in _fields_read(cfg)):
+        return _parse_json_line_slowly(raw, url, line, cfg)
+    return _record(url, line, value, cfg)
+
+
+#: What orjson may read otherwise than json: an integer past 64 bits becomes a float (and can
+#: hide in a list or an object). A line whose read fields hold one is parsed again by json.
+_MAYBE_NOT_AS_JSON_READS = (float, list, dict)
+
+
+def _parse_json_line_slowly(raw: bytes, url: str, line: int, cfg: InputConfig) -> RawRecord | Reject:
     where = format_source(url, line)
     try:
         value = json.loads(raw.decode("utf-8"))
