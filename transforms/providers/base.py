@@ -76,7 +76,8 @@ class Provider:
 
     ``embed`` is the one entry point used by the embed stage. Hooks, in call order:
     :meth:`build_request` → (HTTP) → :meth:`classify_error` for non-2xx answers, else
-    :meth:`parse_response` → :meth:`finalize_vectors`.
+    :meth:`parse_response` → :meth:`finish_vectors` (the kind's :meth:`finalize_vectors`, then
+    ``provider.normalize``).
     """
 
     kind: ClassVar[str]
@@ -139,7 +140,7 @@ class Provider:
             raise self.classify_error(response)
         try:
             result = self.parse_response(response, len(texts), est_tokens)
-            vectors = self.finalize_vectors(result.vectors)
+            vectors = self.finish_vectors(result.vectors)
             check_vectors(vectors, len(texts), self.expected_dim)
         except MalformedResponseError as exc:
             exc.http_status = response.status_code  # a 200 whose body cannot be trusted
@@ -193,8 +194,18 @@ class Provider:
         raise NotImplementedError
 
     def finalize_vectors(self, vectors: np.ndarray) -> np.ndarray:
-        """Client-side post-processing (dimension reduction, normalisation); identity here."""
+        """The kind's own post-processing (Ark's dimension reduction); identity here."""
         return vectors
+
+    def finish_vectors(self, vectors: np.ndarray) -> np.ndarray:
+        """:meth:`finalize_vectors`, then ``provider.normalize``: the one place it is applied.
+
+        Every dialect's ``embed`` calls this, so ``normalize: true`` holds for every kind:
+        servers that truncate ``dimensions`` without renormalising (infinity) or that scale
+        their vectors still give unit vectors. An all-zero vector is left as it is.
+        """
+        vectors = self.finalize_vectors(vectors)
+        return l2_normalize(vectors) if self.cfg.normalize else vectors
 
     def classify_error(self, response: httpx.Response) -> ProviderError:
         """Map an error answer to the most specific class (OpenAI-style rules by default)."""

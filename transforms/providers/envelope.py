@@ -259,7 +259,7 @@ class EnvelopeProvider(Provider):
                 "('data.data' or 'data.embeddings')",
                 http_status=response.status_code,
             )
-        vectors = self.finalize_vectors(align_by_index(items, len(texts)))
+        vectors = self.finish_vectors(align_by_index(items, len(texts)))
         check_vectors(vectors, len(texts), self.expected_dim)
         prompt, total, estimated = usage_tokens(answer.data.get("usage"), est_tokens)
         return EmbeddingResult(
