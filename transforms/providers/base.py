@@ -60,6 +60,8 @@ class EmbeddingResult:
     http_status: int
     provider_request_id: str | None = None
     rate_hint: RateLimitHint | None = None
+    #: The model the answer says produced the vectors (OpenAI's top-level ``model``), if named.
+    served_model: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -154,6 +156,7 @@ class Provider:
             http_status=result.http_status,
             provider_request_id=result.provider_request_id or request_id_of(response),
             rate_hint=parse_rate_limit_headers(response.headers),
+            served_model=result.served_model,
         )
 
     def send(self, client: httpx.Client, request: HttpRequest) -> httpx.Response:
