@@ -26,7 +26,6 @@ from __future__ import annotations
 
 from typing import Any
 
-
 #: The most characters of a provider's message that a usage or reject row keeps.
 MAX_DETAIL_CHARS = 500
 
