@@ -3,7 +3,7 @@
 Every attempt is accounted for, so ``usage/`` adds up to what the provider will bill and shows
 each retry with its status and error. A row has fifteen fields; :class:`UsageRows` fixes the
 two a session shares (model, worker), an :class:`Attempt` carries the four that describe the
-attempt, and the answer or the error supplies the rest: no call site spells fourteen values.
+attempt, and the answer or the error supplies the rest: no call site spells fifteen values.
 """
 
 from __future__ import annotations
