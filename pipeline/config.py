@@ -44,6 +44,7 @@ from transforms.sections import (
     ValidateConfig,
     _Section,
 )
+from transforms.tokens import get_tokenizer, is_tokenizer_file
 
 __all__ = [
     "ArkConfig", "CacheConfig", "Config", "EnvelopeConfig", "InputConfig", "LimitsConfig",
@@ -139,6 +140,7 @@ def _describe(err: ErrorDetails) -> tuple[str, str]:
 
 def _check_cross_rules(cfg: Config) -> None:
     cfg.provider.check()
+    _check_tokenizer_file(cfg)
     provider_cls = get_provider_class(cfg.provider.kind)
     limit = cfg.provider.max_input_tokens or provider_cls.default_max_input_tokens
     if limit is not None and cfg.split.max_tokens > limit:
@@ -152,6 +154,28 @@ def _check_cross_rules(cfg: Config) -> None:
             f"a single chunk ({cfg.split.max_tokens} tokens) would not fit in a request of "
             f"provider.max_tokens_per_request={cfg.provider.max_tokens_per_request}",
             key="split.max_tokens",
+        )
+
+
+def _check_tokenizer_file(cfg: Config) -> None:
+    """Load a ``tokenizer.json`` now (exit 2 if it cannot be), and leave room beside its
+    special tokens: a chunk's count includes them, its overlap does not."""
+    if not is_tokenizer_file(cfg.split.tokenizer):
+        return
+    special = get_tokenizer(cfg.split.tokenizer).special_tokens
+    room = cfg.split.max_tokens - special
+    if room < 1:
+        raise ConfigError(
+            f"{cfg.split.max_tokens} leaves no room for text beside the model's {special} "
+            "special tokens, which count against it; raise split.max_tokens",
+            key="split.max_tokens",
+        )
+    if cfg.split.overlap_tokens >= room:
+        raise ConfigError(
+            f"{cfg.split.overlap_tokens} must be smaller than the {room} text tokens a chunk "
+            f"holds (split.max_tokens={cfg.split.max_tokens} less the model's {special} special "
+            "tokens); lower it",
+            key="split.overlap_tokens",
         )
 
 

@@ -27,7 +27,7 @@ from urllib.parse import urlsplit
 import apache_beam as beam
 from apache_beam.pvalue import AsList, AsSingleton
 
-from pipeline.config import ArkConfig, Config, EnvelopeConfig
+from pipeline.config import Config, EnvelopeConfig
 from transforms import tags
 from transforms.cache import CacheSpec, default_cache_root
 from transforms.embed import EmbedChunks, EmbedSettings
@@ -57,15 +57,15 @@ def namespace_key(cfg: Config) -> dict[str, Any]:
     """What a cached vector depends on besides its text.
 
     The whole endpoint, not only its host: two Azure deployments, or a gateway routing paths to
-    different models, share a host but not their vectors. ``parameters`` (envelope APIs) can
-    change the vectors too. A kind without one of them keys as its old default (false, {}),
-    so namespaces keep the digests they had when every kind had every key.
+    different models, share a host but not their vectors. ``normalize`` and ``parameters``
+    (envelope APIs) change the vectors too. A kind without ``parameters`` keys it as its old
+    default ({}), and a config that does not set ``normalize`` as false (its default), so
+    namespaces keep the digests they had when every kind had every key.
     """
     p = cfg.provider
     endpoint = urlsplit(p.base_url)
     return {"kind": p.kind, "endpoint": f"{endpoint.netloc}{endpoint.path}".rstrip("/"),
-            "model": p.model, "dimensions": p.dimensions,
-            "normalize": isinstance(p, ArkConfig) and p.normalize,
+            "model": p.model, "dimensions": p.dimensions, "normalize": p.normalize,
             "parameters": p.parameters if isinstance(p, EnvelopeConfig) else {}}
 
 

@@ -507,13 +507,13 @@ def test_usage_rows_of_an_answer() -> None:
     rows = UsageRows(model=MODEL, worker="host:1")
     result = EmbeddingResult(vectors=np.zeros((4, DIM), np.float32), prompt_tokens=40,
                              total_tokens=41, tokens_estimated=False, http_status=200,
-                             provider_request_id="req-9")
+                             provider_request_id="req-9", served_model="served-model")
     row = rows.answered(attempt(), result)
     assert dataclasses.asdict(row) == {
         "request_id": "b1:0+4:1", "provider_request_id": "req-9", "model": MODEL, "n_inputs": 4,
         "prompt_tokens": 40, "total_tokens": 41, "tokens_estimated": False, "attempt": 1,
         "http_status": 200, "outcome": OUTCOME_OK, "error": None, "latency_ms": 12.5,
-        "started_at": STARTED, "worker": "host:1",
+        "started_at": STARTED, "worker": "host:1", "served_model": "served-model",
     }
 
 

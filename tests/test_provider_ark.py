@@ -114,13 +114,14 @@ def test_reduction_keeps_the_prefix_and_renormalises_it() -> None:
     out = provider(dimensions=3).finalize_vectors(RAW)
     np.testing.assert_allclose(out, [[3 / 13, 4 / 13, 12 / 13], [1 / 3, 2 / 3, 2 / 3]], rtol=1e-6)
     assert out.dtype == np.float32
-    np.testing.assert_array_equal(provider(dimensions=3, normalize=True).finalize_vectors(RAW), out)
+    np.testing.assert_allclose(provider(dimensions=3, normalize=True).finish_vectors(RAW), out,
+                               rtol=1e-6)
 
 
 def test_normalize_works_at_the_native_size_and_is_off_by_default() -> None:
-    out = provider(normalize=True).finalize_vectors(RAW)
+    out = provider(normalize=True).finish_vectors(RAW)
     np.testing.assert_allclose(out, RAW / np.linalg.norm(RAW, axis=1, keepdims=True), rtol=1e-6)
-    np.testing.assert_array_equal(provider().finalize_vectors(RAW), RAW)
+    np.testing.assert_array_equal(provider().finish_vectors(RAW), RAW)
 
 
 def test_the_request_never_carries_dimensions() -> None:

@@ -34,16 +34,16 @@ SHARED = {
     "kind", "base_url", "model", "api_key_env", "dimensions", "encoding_format", "timeout_s",
     "max_inputs_per_request", "max_tokens_per_request", "max_bytes_per_request",
     "max_input_tokens", "auth_header", "auth_scheme", "extra_headers",
-    "price_per_million_tokens", "preflight",
+    "price_per_million_tokens", "preflight", "normalize",
 }
 #: Every ``provider`` key, by the kinds it applies to.
 KEYS = {
     "openai": SHARED | {"api_version", "send_dimensions"},
-    "ark": SHARED | {"normalize"},
+    "ark": SHARED,
     "envelope": SHARED | {"send_dimensions", "parameters", "poll_path", "poll_timeout_s"},
 }
 #: A value each kind-specific key accepts.
-SAMPLE = {"api_version": "2024-10-21", "send_dimensions": False, "normalize": True,
+SAMPLE = {"api_version": "2024-10-21", "send_dimensions": False,
           "parameters": {"instruction": "query"}, "poll_path": "/v2/jobs/{id}",
           "poll_timeout_s": 30}
 
@@ -56,6 +56,8 @@ def test_each_kind_has_exactly_its_keys() -> None:
     assert {kind: set(entry.config.model_fields) for kind, entry in REGISTRY.items()} == KEYS
     # Every key the single model of old had is still valid for some kind.
     assert set().union(*KEYS.values()) == SHARED | set(SAMPLE)
+    # normalize was Ark's alone; it is now a shared key, honoured by every kind.
+    assert all("normalize" in keys for keys in KEYS.values())
 
 
 def test_the_registry_pairs_each_kind_with_its_union_arm() -> None:
@@ -82,11 +84,11 @@ def test_kind_defaults_to_openai() -> None:
 @pytest.mark.parametrize(
     ("kind", "key", "owners"),
     [
-        ("openai", "normalize", "kind ark"),
+        ("openai", "parameters", "kind envelope"),
         ("openai", "poll_path", "kind envelope"),
         ("ark", "api_version", "kind openai"),
         ("ark", "send_dimensions", "kinds envelope and openai"),
-        ("envelope", "normalize", "kind ark"),
+        ("ark", "poll_timeout_s", "kind envelope"),
         ("envelope", "api_version", "kind openai"),
     ],
 )
@@ -180,14 +182,14 @@ def write_config(tmp_path: Path, **provider_fields: Any) -> Path:
 
 def test_run_with_a_key_of_another_kind_exits_2(tmp_path: Path) -> None:
     config = write_config(tmp_path, kind="openai", base_url="http://127.0.0.1:9/v1",
-                          normalize=True)
+                          poll_path="/jobs/{id}")
     done = subprocess.run(
         [sys.executable, "-m", "pipeline", "run", "--config", str(config)],
         cwd=REPO, capture_output=True, text=True, timeout=120, check=False,
     )
     assert done.returncode == 2, done.stderr
-    assert ("provider.normalize: does not apply to provider.kind 'openai' "
-            "(it is a key of kind ark)") in done.stderr
+    assert ("provider.poll_path: does not apply to provider.kind 'openai' "
+            "(it is a key of kind envelope)") in done.stderr
     assert not (tmp_path / "out").exists()  # refused before anything ran
 
 

@@ -39,6 +39,7 @@ from dataclasses import dataclass, field
 import httpx
 
 from transforms.abort import AbortFlag
+from transforms.answer_watch import AnswerWatch
 from transforms.bisection import Refused, RequestCap, bisect, spans
 from transforms.cache import CacheIndex, CacheSpec, close_cache, open_cache
 from transforms.errors import FatalProviderError, ProviderError, RetryableError, redact
@@ -116,6 +117,7 @@ class EmbedSession:
         self.limiter = RateLimiter(settings.limits, clock=clock)
         self.worker = f"{socket.gethostname()}:{os.getpid()}"
         self.abort = AbortFlag()
+        self.watch = AnswerWatch(settings.provider.model, worker=self.worker)
         # Largest request the server accepted after a "too large" answer (learned, shrinks only).
         self.cap = RequestCap(settings.provider.max_inputs_per_request)
         self._api_key = api_key
@@ -218,6 +220,7 @@ class EmbedSession:
             attempts = self.settings.retry.max_attempts
             detail = f"gave up after {attempts} attempts: {self._describe(exc)}"
             return _rejects(chunks, RETRIES_EXHAUSTED, detail, attempts)
+        self.watch.observe(result, n_inputs=len(chunks), est_tokens=est_tokens)
         return EmbeddedBatch(chunks=tuple(chunks), model=self.settings.provider.model,
                              vectors=result.vectors)
 

@@ -26,6 +26,20 @@ from __future__ import annotations
 
 from typing import Any
 
+#: The most characters of a provider's message that a usage or reject row keeps.
+MAX_DETAIL_CHARS = 500
+
+
+def bounded(text: str, limit: int = MAX_DETAIL_CHARS) -> str:
+    """``text``, or its first ``limit`` characters, an ellipsis and the length it had.
+
+    >>> bounded("x" * 1200, 5)
+    'xxxxx… [1,200 characters in all]'
+    """
+    if len(text) <= limit:
+        return text
+    return f"{text[:limit]}… [{len(text):,} characters in all]"
+
 
 class EmbedpipeError(Exception):
     """Base class of every error embedpipe raises on purpose."""
@@ -71,16 +85,19 @@ class ProviderError(EmbedpipeError):
         self.provider_request_id = provider_request_id
 
     def describe(self) -> str:
-        """One line for usage and reject rows: ``HTTP 429 RateLimitExceeded: too many requests``."""
-        head = " ".join(
-            part
-            for part in (
-                f"HTTP {self.http_status}" if self.http_status is not None else None,
-                self.code,
-            )
-            if part
-        )
-        return f"{head}: {self.message}" if head else self.message
+        """One line for usage and reject rows: ``HTTP 429 RateLimitExceeded: too many requests``.
+
+        A code that only repeats the status (vLLM's and infinity's ``"code": 400``) is said
+        once, and the message is cut to :data:`MAX_DETAIL_CHARS` (:func:`bounded`): servers
+        echo the request in their validation errors, and one refused request would otherwise
+        copy every text it held into the row of each of its chunks. ``message`` itself stays
+        whole, for classification.
+        """
+        status = None if self.http_status is None else str(self.http_status)
+        code = None if self.code == status else self.code
+        head = " ".join(part for part in (status and f"HTTP {status}", code) if part)
+        message = bounded(self.message)
+        return f"{head}: {message}" if head else message
 
 
 class RetryableError(ProviderError):

@@ -92,6 +92,8 @@ def build_manifest(
     chunks_failed = rejects.get(f"stage:{STAGE_EMBED}", 0)
     record_rejects = rows["rejects"] - chunks_failed - file_level
     dims = sorted(int(k.split(":", 1)[1]) for k in totals.get("vectors", Counter()) if k.startswith("dim:"))
+    # The model(s) the answers named: one name, a sorted list when they differ, None if none did.
+    served = sorted(k.split(":", 1)[1] for k in usage if k.startswith("served_model:"))
     return {
         "status": STATUS_ABORTED if fatal else STATUS_COMPLETE,
         "run_id": run.run_id,
@@ -99,6 +101,7 @@ def build_manifest(
         "finished_at": utc_now(),
         "provider": run.provider,
         "model": run.model,
+        "served_model": served[0] if len(served) == 1 else (served or None),
         "dimensions": dims[0] if len(dims) == 1 else (dims or run.dimensions),
         "error": fatal[0] if fatal else None,
         "counts": {

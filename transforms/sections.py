@@ -19,6 +19,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from transforms.providers import ProviderConfig
+from transforms.tokens import TOKENIZER_NAMES, is_tokenizer_file, unknown_tokenizer_message
 
 __all__ = [
     "CacheConfig", "InputConfig", "LimitsConfig", "OutputConfig", "ProviderConfig",
@@ -60,7 +61,17 @@ class ValidateConfig(_Section):
 class SplitConfig(_Section):
     max_tokens: int = Field(512, gt=0)
     overlap_tokens: int = Field(64, ge=0)
-    tokenizer: Literal["cl100k_base", "o200k_base", "chars"] = "cl100k_base"
+    # A built-in name, or the path or fsspec URL of the served model's Hugging Face
+    # tokenizer.json; then max_tokens (and provider.max_input_tokens) are that model's tokens,
+    # its special tokens included. pipeline.config loads it once to check it.
+    tokenizer: str = "cl100k_base"
+
+    @field_validator("tokenizer")
+    @classmethod
+    def _known_tokenizer(cls, v: str) -> str:
+        if v not in TOKENIZER_NAMES and not is_tokenizer_file(v):
+            raise ValueError(unknown_tokenizer_message(v))
+        return v
 
     @model_validator(mode="after")
     def _overlap_below_max(self) -> SplitConfig:

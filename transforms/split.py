@@ -268,6 +268,10 @@ class _Splitter:
         self._text = text
         self._tokenizer = tokenizer
         self._max_tokens = max_tokens
+        # The model's special tokens ([CLS], [SEP]) are in every count but in no offset: aim
+        # the first window at the text tokens that fit beside them, and leave them out of the
+        # overlap, which counts shared text.
+        self._special_tokens = tokenizer.special_tokens
         self._overlap_tokens = overlap_tokens
         self._offsets = tokenizer.token_offsets(text)
         self._text_end = len(text.rstrip())
@@ -304,7 +308,8 @@ class _Splitter:
         if self._tokens_between(start, self._text_end) <= self._max_tokens + _FIT_MARGIN_TOKENS:
             end: int | None = self._text_end
         else:
-            end = self._best_end(start, floor, self._char_limit(first_token, self._max_tokens))
+            end = self._best_end(start, floor, self._char_limit(
+                first_token, self._max_tokens - self._special_tokens))
         while end is not None:
             n_tokens = self._tokenizer.count(self._text[start:end])
             if n_tokens <= self._max_tokens:
@@ -363,7 +368,8 @@ class _Splitter:
             first_overlap_token = max(tokens_before_end - self._overlap_tokens, 0)
             low = max(self._offset(first_overlap_token), start + 1)
             while (candidate := self._overlap_start(low, end)) is not None:
-                if self._tokenizer.count(self._text[candidate:end]) <= self._overlap_tokens:
+                shared = self._tokenizer.count(self._text[candidate:end]) - self._special_tokens
+                if shared <= self._overlap_tokens:
                     return candidate
                 low = candidate + 1
         return self._skip_space(end)

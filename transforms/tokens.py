@@ -9,9 +9,15 @@ a config name to a lazily built implementation::
     tokenizer = get_tokenizer("cl100k_base")   # in DoFn.setup, never in a constructor
     tokenizer.count("hello world")             # 2
 
+Besides the built-in names, ``split.tokenizer`` may be the path or fsspec URL of a Hugging Face
+``tokenizer.json`` (:class:`HuggingFaceTokenizer`): the splitter then counts in the served
+model's own tokens, which is what keeps a chunk within the model's limit (all-MiniLM-L6-v2
+reads 256 word pieces; a chunk of 512 cl100k tokens is cut by the server without a word).
+
 A BPE tokenizer holds about 100 MB of vocabulary tables, so each is built once per worker process
-and cached in this module (:func:`get_tokenizer`). They pickle by name and unpickle to the cached
-instance, so one that slips into a DoFn's state costs a few bytes in the graph, not its tables.
+and cached in this module (:func:`get_tokenizer`). They pickle by name (a ``tokenizer.json`` by
+its path or URL) and unpickle to the cached instance, so one that slips into a DoFn's state costs
+a few bytes in the graph, not its tables, and each worker loads its own.
 
 Lone surrogates (text decoded with ``surrogateescape`` or from a JSON ``"\\ud800"``) cannot be
 encoded as UTF-8; every tokenizer counts each one as U+FFFD. Replacing one code point by one code
@@ -55,6 +61,10 @@ class Tokenizer(abc.ABC):
     """
 
     name: str
+    #: Tokens the model adds to every input ([CLS] and [SEP] for BERT-style models). ``count``
+    #: includes them, so a chunk's count is what the model reads; ``token_offsets`` has only
+    #: the text's own tokens.
+    special_tokens: int = 0
 
     @abc.abstractmethod
     def count(self, text: str) -> int:
@@ -149,6 +159,74 @@ class CharTokenizer(Tokenizer):
         return np.arange(0, len(text), CHARS_PER_TOKEN, dtype=np.int64)
 
 
+class HuggingFaceTokenizer(Tokenizer):
+    """A Hugging Face ``tokenizer.json``: the model's own tokens, read with ``tokenizers``.
+
+    ``name`` is the file's path or fsspec URL; the file is read once per worker process.
+
+    **Counts include the model's special tokens** (:attr:`special_tokens`: [CLS] and [SEP] for
+    BERT-style models): a model's limit counts them (BERT reads 512 tokens, all-MiniLM-L6-v2
+    256, both with its 2 special tokens), so ``split.max_tokens`` set to the model's limit is
+    safe as it is. ``split.overlap_tokens`` counts text tokens only.
+
+    The truncation and padding a ``tokenizer.json`` may carry (model repositories often ship
+    ``max_length: 128`` and padding) are switched off: they would hide how long a text is.
+    """
+
+    def __init__(self, name: str) -> None:
+        try:
+            import tokenizers
+        except ImportError:
+            raise ConfigError(
+                f"{name!r} is a Hugging Face tokenizer.json, which needs the tokenizers package: "
+                "pip install 'embedpipe[hf]' where the pipeline and its workers run",
+                key="split.tokenizer",
+            ) from None
+        import fsspec
+
+        try:
+            with fsspec.open(name, "rb") as handle:
+                data = handle.read()
+            tokenizer = tokenizers.Tokenizer.from_str(data.decode("utf-8"))
+        except Exception as exc:  # any failure to read or parse it says the same
+            raise ConfigError(
+                f"cannot load {name!r} as a Hugging Face tokenizer.json "
+                f"({type(exc).__name__}: {exc}); give the path or URL of the served model's "
+                "tokenizer.json, or one of " + ", ".join(TOKENIZER_NAMES),
+                key="split.tokenizer",
+            ) from exc
+        tokenizer.no_truncation()
+        tokenizer.no_padding()
+        self.name = name
+        self._tokenizer = tokenizer
+        self.special_tokens = len(tokenizer.encode("", add_special_tokens=True).ids)
+
+    def count(self, text: str) -> int:
+        return len(self._tokenizer.encode(_replace_surrogates(text)).ids)
+
+    def count_many(self, texts: Sequence[str]) -> list[int]:
+        encoded = self._tokenizer.encode_batch([_replace_surrogates(t) for t in texts])
+        return [len(e.ids) for e in encoded]
+
+    def token_offsets(self, text: str) -> TokenOffsets:
+        """The start of each of the text's own tokens (no special tokens), in code points.
+
+        Tokens need not cover the text (a WordPiece model drops whitespace), so the first
+        token is taken to start at 0, and each token owns the whitespace after it. Offsets
+        that a normaliser made run backwards are clamped, so they never decrease.
+        """
+        text = _replace_surrogates(text)
+        pieces = [np.zeros(0, dtype=np.int64)]
+        for start, end in _segments(text):
+            offsets = self._tokenizer.encode(text[start:end], add_special_tokens=False).offsets
+            pieces.append(start + np.fromiter((s for s, _ in offsets), dtype=np.int64,
+                                              count=len(offsets)))
+        starts = np.maximum.accumulate(np.concatenate(pieces))
+        if len(starts):
+            starts[0] = 0
+        return starts
+
+
 _FACTORIES: dict[str, Callable[[], Tokenizer]] = {
     "cl100k_base": functools.partial(BpeTokenizer, "cl100k_base"),
     "o200k_base": functools.partial(BpeTokenizer, "o200k_base"),
@@ -156,7 +234,7 @@ _FACTORIES: dict[str, Callable[[], Tokenizer]] = {
 }
 
 TOKENIZER_NAMES: tuple[str, ...] = tuple(_FACTORIES)
-"""Valid values of ``split.tokenizer``."""
+"""The built-in values of ``split.tokenizer``; anything else must name a ``tokenizer.json``."""
 
 # The per-process cache: one tokenizer per name, shared by every DoFn instance and thread.
 _LOADED: dict[str, Tokenizer] = {}
@@ -166,21 +244,31 @@ _LOADED_LOCK = threading.Lock()
 def get_tokenizer(name: str) -> Tokenizer:
     """The process-wide tokenizer called ``name``, built on first use.
 
-    Call it from ``DoFn.setup`` (or at the edge, for ``plan``), so workers load vocabularies
-    themselves instead of receiving them pickled through the graph.
+    ``name`` is one of :data:`TOKENIZER_NAMES` or the path or fsspec URL of a Hugging Face
+    ``tokenizer.json`` (:func:`is_tokenizer_file`). Call it from ``DoFn.setup`` (or at the edge,
+    for ``plan``), so workers load vocabularies themselves instead of receiving them pickled
+    through the graph.
 
     Raises:
-        ConfigError: ``name`` is not one of :data:`TOKENIZER_NAMES`.
+        ConfigError: ``name`` is neither, or its file cannot be read as a tokenizer.
     """
-    if name not in _FACTORIES:
-        raise ConfigError(
-            f"unknown tokenizer {name!r}; choose one of {', '.join(TOKENIZER_NAMES)}",
-            key="split.tokenizer",
-        )
+    if name not in _FACTORIES and not is_tokenizer_file(name):
+        raise ConfigError(unknown_tokenizer_message(name), key="split.tokenizer")
     with _LOADED_LOCK:
         if name not in _LOADED:
-            _LOADED[name] = _FACTORIES[name]()
+            factory = _FACTORIES.get(name)
+            _LOADED[name] = factory() if factory else HuggingFaceTokenizer(name)
         return _LOADED[name]
+
+
+def is_tokenizer_file(name: str) -> bool:
+    """Whether ``split.tokenizer`` names a file (a ``.json`` path or URL) rather than a built-in."""
+    return name not in _FACTORIES and (name.endswith(".json") or "/" in name or "\\" in name)
+
+
+def unknown_tokenizer_message(name: str) -> str:
+    return (f"unknown tokenizer {name!r}; choose one of {', '.join(TOKENIZER_NAMES)}, or give "
+            "the path or fsspec URL of the served model's Hugging Face tokenizer.json")
 
 
 def count_tokens(name: str, text: str) -> int:

@@ -243,6 +243,9 @@ class UsageRecord:
     latency_ms: float
     started_at: dt.datetime
     worker: str
+    #: The model the answer named (None: it named none, or there was no answer); ``model`` is
+    #: the configured one.
+    served_model: str | None = None
 
 
 @dataclass(frozen=True, slots=True)

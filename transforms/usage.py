@@ -1,9 +1,9 @@
 """Usage rows: one :class:`~transforms.types.UsageRecord` per HTTP attempt, answered or not.
 
 Every attempt is accounted for, so ``usage/`` adds up to what the provider will bill and shows
-each retry with its status and error. A row has fourteen fields; :class:`UsageRows` fixes the
+each retry with its status and error. A row has fifteen fields; :class:`UsageRows` fixes the
 two a session shares (model, worker), an :class:`Attempt` carries the four that describe the
-attempt, and the answer or the error supplies the rest: no call site spells fourteen values.
+attempt, and the answer or the error supplies the rest: no call site spells fifteen values.
 """
 
 from __future__ import annotations
@@ -53,6 +53,7 @@ class UsageRows:
             http_status=result.http_status,
             outcome=OUTCOME_OK,
             error=None,
+            served_model=result.served_model,
         )
 
     def failed(
@@ -85,6 +86,7 @@ class UsageRows:
         http_status: int | None,
         outcome: str,
         error: str | None,
+        served_model: str | None = None,
     ) -> UsageRecord:
         return UsageRecord(
             request_id=attempt.request_id,
@@ -101,4 +103,5 @@ class UsageRows:
             latency_ms=attempt.latency_ms,
             started_at=attempt.started_at,
             worker=self.worker,
+            served_model=served_model,
         )

@@ -84,6 +84,9 @@ USAGE_SCHEMA = pa.schema([
     ("latency_ms", pa.float64()),
     ("started_at", pa.timestamp("us", tz="UTC")),
     ("worker", pa.string()),
+    # An extension of the contract, last so positional readers keep working: the model the
+    # answer named (``model`` is the configured one).
+    ("served_model", pa.string()),
 ])
 
 
@@ -208,7 +211,9 @@ def ids_stats(table: pa.Table) -> Counter[str]:
 
 def usage_stats(table: pa.Table) -> Counter[str]:
     ok = pc.equal(table.column("outcome"), OUTCOME_OK)
+    served = pc.filter(table.column("served_model"), ok).drop_null()
     return Counter({
+        **{f"served_model:{name}": n for name, n in Counter(served.to_pylist()).items()},
         "requests": table.num_rows,
         "ok": int(pc.sum(ok).as_py() or 0),
         "retries": int(pc.sum(pc.equal(table.column("outcome"), OUTCOME_RETRY)).as_py() or 0),

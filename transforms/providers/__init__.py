@@ -97,8 +97,8 @@ def misplaced_key_message(key: str, kind: str) -> str | None:
     """Why ``provider.<key>`` is refused for ``kind``, if it is another kind's key; else None.
 
     None means no kind knows the key (a misspelling): the caller reports it as unknown. The
-    message follows the key, as in ``provider.normalize: does not apply to provider.kind
-    'openai' (it is a key of kind ark); remove it, or set provider.kind: ark``.
+    message follows the key, as in ``provider.poll_path: does not apply to provider.kind
+    'openai' (it is a key of kind envelope); remove it, or set provider.kind: envelope``.
     """
     owners = [k for k in kinds_with_key(key) if k != kind]
     if not owners:

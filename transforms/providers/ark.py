@@ -10,15 +10,16 @@ what differs is Ark's own:
   them. Sizes are checked for the models whose reductions are documented; an endpoint id hides
   its model, so any size is accepted for it, and an answer too short for the size aborts the run
   (at the preflight, in practice).
-- **Unnormalised vectors.** ``provider.normalize: true`` normalises native-size vectors; reduced
-  ones are always normalised, since a prefix of a vector is not a unit vector.
+- **Unnormalised vectors.** Reduced vectors are always normalised, since a prefix of a vector is
+  not a unit vector; ``provider.normalize: true`` (a key of every kind, applied by
+  :meth:`~transforms.providers.base.Provider.finish_vectors`) normalises native-size ones.
 - **Limits.** At most 4096 tokens and 100,000 UTF-8 bytes per input, no empty input. No documented
   cap on inputs per request; Ark recommends at most 4 texts or 4096 tokens per request for
   latency, which ``configs/ark.yaml`` offers as a preset rather than a cap.
 - **Error codes.** Ark says what went wrong in ``error.code``, and its 429 mixes throttling
   (retry) with exhausted quota (abort): :data:`ERROR_RULES` maps each documented code to its class.
 
-**Config** (:class:`ArkConfig`): the shared keys plus ``provider.normalize``. OpenAI's
+**Config** (:class:`ArkConfig`): the shared keys, with a check of reduced sizes. OpenAI's
 ``api_version`` and ``send_dimensions`` are errors here, not settings silently ignored: Ark takes
 no query parameters and is never sent ``dimensions``.
 """
@@ -109,13 +110,12 @@ ERROR_RULES: tuple[ErrorRule, ...] = (
 
 
 class ArkConfig(BaseProviderConfig):
-    """``provider.kind: ark``: the shared keys plus ``normalize``.
+    """``provider.kind: ark``: the shared keys; ``dimensions`` checked against the model's sizes.
 
-    ``normalize: true`` L2-normalises native-size vectors (a reduced size is always normalised).
+    A reduced size is always normalised; ``normalize: true`` normalises native-size vectors too.
     """
 
     kind: Literal["ark"] = "ark"
-    normalize: bool = False
 
     def check(self) -> None:
         """Refuse a reduced size the model does not document, before any request is sent."""
@@ -160,10 +160,10 @@ class ArkProvider(Provider):
         return result
 
     def finalize_vectors(self, vectors: np.ndarray) -> np.ndarray:
-        """Ark's 向量降维: the first ``dimensions`` values, L2-normalised; else normalise if asked."""
+        """Ark's 向量降维: the first ``dimensions`` values, L2-normalised; native ones as sent."""
         if self.cfg.dimensions is not None:
             return l2_normalize(vectors[:, : self.cfg.dimensions])
-        return l2_normalize(vectors) if self.cfg.normalize else vectors
+        return vectors
 
     def classify_error(self, response: httpx.Response) -> ProviderError:
         """The first :data:`ERROR_RULES` row that matches, else the shared HTTP defaults."""

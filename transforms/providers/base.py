@@ -60,6 +60,8 @@ class EmbeddingResult:
     http_status: int
     provider_request_id: str | None = None
     rate_hint: RateLimitHint | None = None
+    #: The model the answer says produced the vectors (OpenAI's top-level ``model``), if named.
+    served_model: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,7 +78,8 @@ class Provider:
 
     ``embed`` is the one entry point used by the embed stage. Hooks, in call order:
     :meth:`build_request` → (HTTP) → :meth:`classify_error` for non-2xx answers, else
-    :meth:`parse_response` → :meth:`finalize_vectors`.
+    :meth:`parse_response` → :meth:`finish_vectors` (the kind's :meth:`finalize_vectors`, then
+    ``provider.normalize``).
     """
 
     kind: ClassVar[str]
@@ -139,7 +142,7 @@ class Provider:
             raise self.classify_error(response)
         try:
             result = self.parse_response(response, len(texts), est_tokens)
-            vectors = self.finalize_vectors(result.vectors)
+            vectors = self.finish_vectors(result.vectors)
             check_vectors(vectors, len(texts), self.expected_dim)
         except MalformedResponseError as exc:
             exc.http_status = response.status_code  # a 200 whose body cannot be trusted
@@ -153,6 +156,7 @@ class Provider:
             http_status=result.http_status,
             provider_request_id=result.provider_request_id or request_id_of(response),
             rate_hint=parse_rate_limit_headers(response.headers),
+            served_model=result.served_model,
         )
 
     def send(self, client: httpx.Client, request: HttpRequest) -> httpx.Response:
@@ -193,8 +197,18 @@ class Provider:
         raise NotImplementedError
 
     def finalize_vectors(self, vectors: np.ndarray) -> np.ndarray:
-        """Client-side post-processing (dimension reduction, normalisation); identity here."""
+        """The kind's own post-processing (Ark's dimension reduction); identity here."""
         return vectors
+
+    def finish_vectors(self, vectors: np.ndarray) -> np.ndarray:
+        """:meth:`finalize_vectors`, then ``provider.normalize``: the one place it is applied.
+
+        Every dialect's ``embed`` calls this, so ``normalize: true`` holds for every kind:
+        servers that truncate ``dimensions`` without renormalising (infinity) or that scale
+        their vectors still give unit vectors. An all-zero vector is left as it is.
+        """
+        vectors = self.finalize_vectors(vectors)
+        return l2_normalize(vectors) if self.cfg.normalize else vectors
 
     def classify_error(self, response: httpx.Response) -> ProviderError:
         """Map an error answer to the most specific class (OpenAI-style rules by default)."""

@@ -10,7 +10,7 @@ another kind is an error instead of a setting silently ignored. ::
 
     BaseProviderConfig            the keys below, shared by every kind
     ├── OpenAIConfig              kind: openai    + api_version, send_dimensions
-    ├── ArkConfig                 kind: ark       + normalize
+    ├── ArkConfig                 kind: ark       (reduced sizes per model)
     └── EnvelopeConfig            kind: envelope  + send_dimensions, parameters, poll_path,
                                                     poll_timeout_s
 
@@ -43,6 +43,9 @@ class BaseProviderConfig(BaseModel):
     api_key_env: str | None = "OPENAI_API_KEY"
     # Reduced dimension: sent to the API (openai, envelope) or applied client-side (ark).
     dimensions: int | None = Field(None, gt=0)
+    # L2-normalise every vector the server answers (Provider.finish_vectors), for any kind:
+    # Ark's native vectors and servers that truncate `dimensions` without renormalising.
+    normalize: bool = False
     encoding_format: Literal["base64", "float"] = "base64"
     timeout_s: float = Field(60, gt=0)
     # Request caps: how many inputs, tokens and UTF-8 bytes of input one request may carry.

@@ -259,9 +259,10 @@ class EnvelopeProvider(Provider):
                 "('data.data' or 'data.embeddings')",
                 http_status=response.status_code,
             )
-        vectors = self.finalize_vectors(align_by_index(items, len(texts)))
+        vectors = self.finish_vectors(align_by_index(items, len(texts)))
         check_vectors(vectors, len(texts), self.expected_dim)
         prompt, total, estimated = usage_tokens(answer.data.get("usage"), est_tokens)
+        served = answer.data.get("model")
         return EmbeddingResult(
             vectors=vectors,
             prompt_tokens=prompt,
@@ -270,6 +271,7 @@ class EnvelopeProvider(Provider):
             http_status=response.status_code,
             provider_request_id=answer.job_id or request_id_of(submitted),
             rate_hint=parse_rate_limit_headers(submitted.headers),
+            served_model=served if isinstance(served, str) and served else None,
         )
 
     # -- answers ----------------------------------------------------------------------------

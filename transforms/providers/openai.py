@@ -106,6 +106,7 @@ def parse_openai_answer(
         )
     vectors = align_by_index(data, n_inputs)
     prompt, total, estimated = usage_tokens(body.get("usage"), est_tokens)
+    served = body.get("model")
     return EmbeddingResult(
         vectors=vectors,
         prompt_tokens=prompt,
@@ -113,4 +114,5 @@ def parse_openai_answer(
         tokens_estimated=estimated,
         http_status=response.status_code,
         provider_request_id=body.get("id") if isinstance(body.get("id"), str) else None,
+        served_model=served if isinstance(served, str) and served else None,
     )
