@@ -26,7 +26,8 @@ code  name                     meaning — and what to do
                                URL or account and run again: finished work comes from the cache.
 4     ``EXIT_CRASHED``         the pipeline itself crashed (a bug or a runner failure), or its
                                output did not account for every chunk; nothing new was committed
-                               and the manifest stays ``partial``. Read the log and run again to
+                               (the manifest stays ``partial``, or the previous complete run stays
+                               in place). Read the log and run again to
                                resume; report it if it repeats.
 ====  =======================  ====================================================================
 

@@ -23,7 +23,6 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 import apache_beam as beam
-import fsspec
 from apache_beam.metrics.metric import MetricsFilter
 from apache_beam.options.pipeline_options import (
     DebugOptions,
@@ -36,15 +35,18 @@ from apache_beam.options.pipeline_options import (
 from pipeline.config import Config
 from pipeline.exit_codes import EXIT_CRASHED, EXIT_FAILED_CHUNKS, EXIT_FATAL_PROVIDER, EXIT_OK
 from pipeline.graph import RunContext, build_pipeline, embed_settings, output_spec, run_info
+from pipeline.output_dir import OutputLease, PreviousRun, prepare_output, retire_previous
 from pipeline.report import print_summary
 from transforms.embed import BatchOutcome, EmbedSession
 from transforms.errors import ConfigError
 from transforms.manifest import (
     STATUS_ABORTED,
-    STATUS_COMPLETE,
     STATUS_PARTIAL,
+    aborted_manifest_url,
     build_manifest,
+    commit_url,
     manifest_url,
+    read_json,
     read_manifest,
     utc_now,
     write_json_atomically,
@@ -124,24 +126,6 @@ def api_key_for(cfg: Config) -> str | None:
     return os.environ.get(cfg.provider.api_key_env) if cfg.provider.api_key_env else None
 
 
-def prepare_output(cfg: Config) -> None:
-    """Refuse to overwrite a complete run; clear what an unfinished or aborted run left."""
-    out = cfg.output.path
-    storage = cfg.output.storage_options
-    manifest = read_manifest(out, storage)
-    if manifest and manifest.get("status") == STATUS_COMPLETE and not cfg.output.overwrite:
-        raise ConfigError(
-            f"{out} already holds a complete run ({manifest.get('run_id')}); pass --overwrite "
-            "to replace it or choose a new path",
-            key="output.path",
-        )
-    fs, root = fsspec.core.url_to_fs(out, **storage)
-    root = root.rstrip("/")
-    for name in ("vectors", "usage", "rejects", "_temporary", "manifest.json"):
-        if fs.exists(f"{root}/{name}"):
-            fs.rm(f"{root}/{name}", recursive=True)
-
-
 def close_runner_data_race() -> None:
     """Make the FnApiRunner's data channel to its SDK workers flush by size, never by timer.
 
@@ -217,30 +201,45 @@ def execute(
             "there (or set provider.api_key_env: null for a server without authentication)",
             key="provider.api_key_env",
         )
-    prepare_output(cfg)
     ctx = RunContext(
         run_id=f"{dt.datetime.now(dt.timezone.utc):%Y%m%dT%H%M%SZ}-{uuid.uuid4().hex[:8]}",
         started_at=utc_now(),
         workers=resolve_workers(cfg, options),
         progress_interval_s=None if request.quiet else PROGRESS_INTERVAL_S,
     )
+    with OutputLease(cfg.output.path, cfg.output.storage_options, ctx.run_id):
+        previous = prepare_output(cfg.output.path, cfg.output.storage_options,
+                                  cfg.output.overwrite)
+        code = _run_holding_the_lease(request, cfg, options, ctx, api_key, previous,
+                                     test_pipeline)
+    return code
+
+
+def _run_holding_the_lease(request: RunRequest, cfg: Config, options: PipelineOptions,
+                           ctx: RunContext, api_key: str | None, previous: PreviousRun,
+                           test_pipeline: beam.Pipeline | None) -> int:
     spec = output_spec(cfg, ctx)
-    write_json_atomically(
-        manifest_url(cfg.output.path),
-        {"status": STATUS_PARTIAL, "run_id": ctx.run_id, "started_at": ctx.started_at,
-         "config": cfg.public_dict()},
-        cfg.output.storage_options,
-    )
+    if not previous.complete:  # a complete run being replaced stays what readers see
+        write_json_atomically(
+            manifest_url(cfg.output.path),
+            {"status": STATUS_PARTIAL, "run_id": ctx.run_id, "started_at": ctx.started_at,
+             "config": cfg.public_dict()},
+            cfg.output.storage_options,
+        )
     if cfg.provider.preflight and (api_key or not cfg.provider.api_key_env):
         outcome = preflight(cfg, ctx, api_key)
-        usage_file = write_rows(USAGE, outcome.usage, spec, name="part-preflight.parquet")
+        usage_file = write_rows(USAGE, outcome.usage, spec,
+                                name=f"part-{ctx.run_id}-preflight.parquet")
         failure = preflight_failure(cfg, outcome)
         if failure is not None:
             log.error("embedpipe: %s", failure)
             manifest = build_manifest(run_info(cfg, ctx), [usage_file], records_read=0,
                                       documents_valid=0, chunks=0, fatal=[failure])
-            write_json_atomically(manifest_url(cfg.output.path), manifest,
-                                  cfg.output.storage_options)
+            where = commit_url(cfg.output.path, manifest, cfg.output.storage_options)
+            write_json_atomically(where, manifest, cfg.output.storage_options)
+            if where != manifest_url(cfg.output.path):
+                log.error("embedpipe: the complete run %s in %s is kept; this run's manifest is "
+                          "%s", (previous.manifest or {}).get("run_id"), cfg.output.path, where)
             return EXIT_FATAL_PROVIDER
         ctx = replace(ctx, extra_files=(usage_file,))
 
@@ -262,10 +261,18 @@ def execute(
         return EXIT_CRASHED
     wall_s = time.monotonic() - t0
     manifest = read_manifest(cfg.output.path, cfg.output.storage_options) or {}
-    if manifest.get("run_id") != ctx.run_id or manifest.get("status") == STATUS_PARTIAL:
-        log.error("embedpipe: the pipeline finished but did not commit a manifest to %s",
-                  cfg.output.path)
-        return EXIT_CRASHED
+    if manifest.get("run_id") == ctx.run_id and manifest.get("status") != STATUS_PARTIAL:
+        retire_previous(cfg.output.path, cfg.output.storage_options, previous)
+    else:
+        manifest = read_json(aborted_manifest_url(cfg.output.path, ctx.run_id),
+                             cfg.output.storage_options) or {}
+        if manifest.get("run_id") != ctx.run_id:
+            log.error("embedpipe: the pipeline finished but did not commit a manifest to %s",
+                      cfg.output.path)
+            return EXIT_CRASHED
+        log.error("embedpipe: the complete run %s in %s is kept; this aborted run's manifest is "
+                  "%s", (previous.manifest or {}).get("run_id"), cfg.output.path,
+                  aborted_manifest_url(cfg.output.path, ctx.run_id))
     if not request.quiet:
         print_summary(manifest, cfg, wall_s, pipeline_metrics(result))
     return exit_code_for(manifest)

@@ -52,7 +52,8 @@ def test_the_documented_duckdb_queries_run_on_a_real_output(
     queries = documented_queries()
     assert len(queries) == 4
     for sql in queries:
-        sql = sql.replace("out/run", output).replace(f"[{DOC_DIM}]", f"[{dim}]")
+        sql = sql.replace("out/run", output).replace(f"[{DOC_DIM}]", f"[{dim}]").replace(
+            "RUN_ID", manifest["run_id"])
         params = [query.tolist()] if "$1" in sql else None
         rows = con.execute(sql, params).fetchall()
         assert rows, sql
@@ -63,7 +64,8 @@ def test_the_documented_duckdb_queries_run_on_a_real_output(
                                np.sort(want)[::-1][:10], rtol=1e-5)
 
     # What the doc says fails does fail, so the note stays true.
-    similarity = queries[-1].replace("out/run", output).replace(f"[{DOC_DIM}]", f"[{dim}]")
+    similarity = queries[-1].replace("out/run", output).replace(f"[{DOC_DIM}]", f"[{dim}]").replace(
+        "RUN_ID", manifest["run_id"])
     with pytest.raises(duckdb.BinderException, match="array_cosine_similarity"):
         con.execute(similarity.replace(f"embedding::FLOAT[{dim}]", "embedding"),
                     [query.tolist()])

@@ -165,7 +165,7 @@ def run_with(tmp_path_factory: pytest.TempPathFactory, name: str, corpus: Corpus
     manifest, tables = read_output(str(output))
     workers: set[str] = set()
     for entry in manifest["files"]:
-        if entry["kind"] == "usage" and not entry["path"].endswith("part-preflight.parquet"):
+        if entry["kind"] == "usage" and not entry["path"].endswith("-preflight.parquet"):
             workers |= set(pq.read_table(entry["path"]).column("worker").to_pylist())
     print(f"\n{name}: exit {code} in {seconds:.1f}s, {len(workers)} worker process(es) "
           f"in usage rows: {sorted(workers)}")

@@ -143,8 +143,12 @@ def write_json_atomically(url: str, data: dict[str, Any],
 
 def read_manifest(output_url: str, storage_options: dict[str, Any] | None = None) -> dict | None:
     """The manifest of an output, or None when there is none."""
-    fs, root = fsspec.core.url_to_fs(output_url, **(storage_options or {}))
-    path = f"{root.rstrip('/')}/{MANIFEST_NAME}"
+    return read_json(manifest_url(output_url), storage_options)
+
+
+def read_json(url: str, storage_options: dict[str, Any] | None = None) -> dict | None:
+    """A JSON file, or None when there is none."""
+    fs, path = fsspec.core.url_to_fs(url, **(storage_options or {}))
     if not fs.exists(path):
         return None
     with fs.open(path, "r", encoding="utf-8") as handle:
@@ -153,6 +157,27 @@ def read_manifest(output_url: str, storage_options: dict[str, Any] | None = None
 
 def manifest_url(output_url: str) -> str:
     return f"{output_url.rstrip('/')}/{MANIFEST_NAME}"
+
+
+def aborted_manifest_url(output_url: str, run_id: str) -> str:
+    """Where an aborted run's manifest goes when the output holds a complete run already."""
+    return f"{output_url.rstrip('/')}/aborted-{run_id}.json"
+
+
+def commit_url(output_url: str, manifest: dict[str, Any],
+               storage_options: dict[str, Any] | None = None) -> str:
+    """Where ``manifest`` is committed: ``manifest.json``, unless it would hide a complete run.
+
+    An aborted run (``--overwrite`` of a complete output, then a fatal provider answer) never
+    replaces the complete run it was meant to replace: its manifest goes beside it, as
+    ``aborted-RUN_ID.json``, and the complete run stays what readers see.
+    """
+    if manifest.get("status") == STATUS_ABORTED:
+        current = read_manifest(output_url, storage_options)
+        if current and current.get("status") == STATUS_COMPLETE and (
+                current.get("run_id") != manifest.get("run_id")):
+            return aborted_manifest_url(output_url, str(manifest.get("run_id")))
+    return manifest_url(output_url)
 
 
 def check_accounting(files: Iterable[WrittenFile], chunks: int, checksum: int) -> None:
@@ -209,7 +234,8 @@ class CommitManifestFn(beam.DoFn):
         # Always leave a readable file per table, so `KIND/*.parquet` globs never come up empty.
         for kind in (REJECTS, USAGE):
             if kind.name not in kinds:
-                files.append(write_rows(kind, [], self.spec, name="part-empty.parquet"))
+                files.append(write_rows(kind, [], self.spec,
+                                        name=f"part-{self.info.run_id}-empty.parquet"))
         cache = None
         if self.cache is not None:
             cache = {"enabled": True, "path": self.cache.url,
@@ -218,10 +244,13 @@ class CommitManifestFn(beam.DoFn):
             self.info, files, records_read=records_read, documents_valid=documents_valid,
             chunks=n_chunks, fatal=sorted(set(fatal)), cache=cache,
         )
-        if fs.exists(f"{root}/_temporary"):
+        temporary = f"{root}/_temporary/{self.info.run_id}"
+        if fs.exists(temporary):
+            fs.rm(temporary, recursive=True)
+        if fs.exists(f"{root}/_temporary") and not fs.ls(f"{root}/_temporary"):
             fs.rm(f"{root}/_temporary", recursive=True)
-        write_json_atomically(manifest_url(self.spec.path), manifest,
-                              dict(self.spec.storage_options))
+        write_json_atomically(commit_url(self.spec.path, manifest, dict(self.spec.storage_options)),
+                              manifest, dict(self.spec.storage_options))
         yield manifest
 
     def _drop_losers(self, fs, files: list[WrittenFile], duplicates) -> tuple[

@@ -4,7 +4,7 @@ Each writer DoFn streams rows into a ``pyarrow.parquet.ParquetWriter`` on a temp
 ``OUTPUT/_temporary/RUN_ID/``, in row groups of at most :data:`ROW_GROUP_ROWS`, so memory is
 bounded by one row group and not by ``output.rows_per_file``. When a file reaches
 ``rows_per_file`` (or the Beam bundle ends) it is closed and moved to its final name
-``OUTPUT/KIND/part-*.parquet``, and a :class:`~transforms.types.WrittenFile` with its row count
+``OUTPUT/KIND/part-RUN_ID-*.parquet``, and a :class:`~transforms.types.WrittenFile` with its row count
 and per-file aggregates goes to the manifest step. No file appears under its final name before
 it is whole; on object stores the manifest, written last, is the commit marker.
 """
@@ -381,7 +381,7 @@ class _WriteShardsFn(beam.DoFn):
                 self._shard = None
 
     def _open(self, schema: pa.Schema) -> _OpenShard:
-        name = f"part-{uuid.uuid4().hex[:20]}.parquet"
+        name = f"part-{self.spec.run_id}-{uuid.uuid4().hex[:12]}.parquet"
         temporary = f"{self._root}/_temporary/{self.spec.run_id}"
         folder = (f"{temporary}/{self.kind.name}" if self.kind.temporary
                   else f"{self._root}/{self.kind.name}")
