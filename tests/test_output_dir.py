@@ -47,7 +47,7 @@ def test_a_file_embedpipe_did_not_write_is_never_deleted(
     mine = output / "vectors" / "my-own-vectors.parquet"
     mine.write_bytes(b"the user's data")
     embedding_server.reset_stats()
-    with pytest.raises(ConfigError, match="my-own-vectors.parquet was not written by embedpipe"):
+    with pytest.raises(ConfigError, match=r"my-own-vectors\.parquet was not written by embedpipe"):
         execute(RunRequest(_config(tmp_path, embedding_server), quiet=True))
     assert mine.read_bytes() == b"the user's data"
     assert embedding_server.stats.requests == 0  # refused before anything was sent
