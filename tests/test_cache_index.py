@@ -177,3 +177,25 @@ def test_a_few_rows_of_a_segment_are_copied_not_pinned(tmp_path: Path) -> None:
     assert positions.tolist() == [0]
     np.testing.assert_array_equal(got, vectors[5:6])
     assert got.flags.owndata or got.base.nbytes == got.nbytes  # not a window on 256 rows
+
+
+def test_what_killed_runs_left_in_the_cache_is_removed_once_stale(tmp_path: Path) -> None:
+    import os
+    import time
+
+    index = CacheIndex(spec(tmp_path))
+    item = chunk("kept text")
+    index.write([EmbeddedBatch((item,), "m", vectors_for(["a"]))])
+    ns = tmp_path / "ns"
+    old = time.time() - 2 * 3600
+    half = ns / ".seg-deadrun-000000000000.arrow.tmp"
+    orphan = ns / "seg-deadrun-111111111111.arrow.keys"
+    fresh = ns / ".seg-liverun-222222222222.arrow.tmp"
+    for path in (half, orphan, fresh):
+        path.write_bytes(b"x")
+    os.utime(half, (old, old))
+    os.utime(orphan, (old, old))
+    again = CacheIndex(spec(tmp_path, "run-b"))
+    assert not half.exists() and not orphan.exists()
+    assert fresh.exists()  # may belong to a live run: too young to touch
+    assert again.lookup([item])[0] == [0]  # segments are never touched

@@ -37,6 +37,7 @@ from __future__ import annotations
 import logging
 import posixpath
 import threading
+import time
 import uuid
 from collections import OrderedDict
 from collections.abc import Sequence
@@ -64,6 +65,9 @@ SEGMENT_CACHE_BYTES = 64 * 1024 * 1024
 
 #: Threads that read segment keys while the index is built (object stores answer in parallel).
 INDEX_READ_THREADS = 8
+
+#: A temporary cache file (or a keys file without its segment) this old was left by a dead run.
+STALE_AFTER_S = 3600.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -223,6 +227,7 @@ class CacheIndex:
         """
         names = set(self._fs.find(self._root, maxdepth=1))
         paths = sorted(p for p in names if _is_segment(p))
+        self._remove_stale(names)
 
         def keys_of(path: str) -> np.ndarray | None:
             if path + KEYS_SUFFIX in names:
@@ -246,6 +251,25 @@ class CacheIndex:
             self._segments.append(path)
         if keys:
             self._keys.add(np.concatenate(keys), np.concatenate(segments), np.concatenate(rows))
+
+    def _remove_stale(self, names: set[str]) -> None:
+        """Delete what killed runs left: half-written segments, keys files without a segment.
+
+        Only files older than :data:`STALE_AFTER_S`: a live run (this one or another sharing
+        the namespace) moves a temporary file into place, and writes a segment after its keys
+        file, within milliseconds. Never a segment: any segment in the store is valid.
+        """
+        stale = [p for p in names
+                 if (p.rsplit("/", 1)[-1].startswith(".") and p.endswith(".tmp"))
+                 or (p.endswith(KEYS_SUFFIX) and p[:-len(KEYS_SUFFIX)] not in names)]
+        now = time.time()
+        for path in stale:
+            try:
+                modified = self._fs.modified(path).timestamp()
+                if now - modified > STALE_AFTER_S:
+                    self._fs.rm_file(path)
+            except (FileNotFoundError, NotImplementedError, OSError):
+                continue  # gone already, or a store that cannot tell: leave it
 
     # -- lookup --------------------------------------------------------------------------------
 
