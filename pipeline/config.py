@@ -16,6 +16,7 @@ Example::
 from __future__ import annotations
 
 import copy
+import re
 from pathlib import Path
 from typing import Any
 
@@ -66,21 +67,49 @@ class Config(_Section):
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 
     def public_dict(self) -> dict[str, Any]:
-        """The config as written to the manifest: storage secrets removed, key *names* kept."""
+        """The config as written to the manifest: every secret removed, key *names* kept.
+
+        Storage options are redacted at any depth by name (``client_kwargs.
+        aws_secret_access_key``), every ``provider.extra_headers`` value is redacted (gateway
+        keys travel as headers of any name), and credentials in URLs (``https://user:pass@``)
+        are removed wherever they are.
+        """
         data = self.model_dump(by_alias=True, mode="json")
         for section in ("input", "output"):
-            data[section]["storage_options"] = _redact_options(data[section]["storage_options"])
-        return data
+            data[section]["storage_options"] = redact_options(data[section]["storage_options"])
+        headers = data["provider"].get("extra_headers") or {}
+        data["provider"]["extra_headers"] = {name: REDACTED for name in headers}
+        return _scrub_urls(data)
 
 
-_SECRET_OPTION_WORDS = ("key", "secret", "token", "password", "credential", "sas")
+REDACTED = "[REDACTED]"
+_SECRET_OPTION_WORDS = ("key", "secret", "token", "password", "passwd", "credential", "sas",
+                        "signature", "auth", "session")
+_URL_USERINFO = re.compile(r"(?<=://)[^/@\s]+@")
 
 
-def _redact_options(options: dict[str, Any]) -> dict[str, Any]:
-    return {
-        k: ("[REDACTED]" if any(w in k.lower() for w in _SECRET_OPTION_WORDS) else v)
-        for k, v in options.items()
-    }
+def redact_options(options: Any) -> Any:
+    """Storage options with every value whose name suggests a credential redacted, at any depth.
+
+    A secret-named option is redacted whole, whatever it holds (a dict of credentials too).
+    """
+    if isinstance(options, dict):
+        return {k: (REDACTED if any(w in str(k).lower() for w in _SECRET_OPTION_WORDS)
+                    else redact_options(v)) for k, v in options.items()}
+    if isinstance(options, list):
+        return [redact_options(v) for v in options]
+    return options
+
+
+def _scrub_urls(value: Any) -> Any:
+    """``value`` with the user and password of every URL in it replaced."""
+    if isinstance(value, dict):
+        return {k: _scrub_urls(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_scrub_urls(v) for v in value]
+    if isinstance(value, str) and "://" in value and "@" in value:
+        return _URL_USERINFO.sub(f"{REDACTED}@", value)
+    return value
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:

@@ -19,9 +19,24 @@ A leaf module (pydantic only), so every provider module may import it.
 
 from __future__ import annotations
 
+import re
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+_VARIABLE_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,127}")
+
+
+def looks_like_a_key(value: str) -> bool:
+    """Whether an ``api_key_env`` value is a key pasted in place of a variable name.
+
+    Anything that is not a variable name (``sk-...``, with spaces, dots, slashes); and long
+    names without an underscore and with several digits: hexadecimal or base62 keys (Azure's 32
+    hex digits) are valid names by their characters, but no one names a variable like that.
+    """
+    if not _VARIABLE_NAME.fullmatch(value):
+        return True
+    return len(value) >= 20 and "_" not in value and sum(c.isdigit() for c in value) >= 4
 
 
 class BaseProviderConfig(BaseModel):
@@ -69,6 +84,17 @@ class BaseProviderConfig(BaseModel):
         if not v.startswith(("http://", "https://")):
             raise ValueError(f"must be an http(s) URL, got {v!r}")
         return v.rstrip("/")
+
+    @field_validator("api_key_env")
+    @classmethod
+    def _a_variable_name(cls, v: str | None) -> str | None:
+        # The value is never repeated in the message: the usual mistake is the key itself.
+        if v is not None and looks_like_a_key(v):
+            raise ValueError(
+                "must be the NAME of the environment variable that holds the key (letters, "
+                "digits and _, e.g. OPENAI_API_KEY), not the key itself; its value is not shown "
+                "here. Export the key in a variable and put that variable's name here")
+        return v
 
     def check(self) -> None:
         """Raise :class:`~transforms.errors.ConfigError` for settings this API cannot honour.
