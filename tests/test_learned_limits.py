@@ -153,3 +153,24 @@ def test_a_limit_in_characters_is_reached_without_429s(
     assert "by the provider's count" in summary, summary
     assert "far from 1: it counts in other units" in summary, summary
     assert_key_kept(str(tmp_path / "out"), KEY, caplog.text, summary)
+
+
+def test_requests_waiting_at_the_gate_are_not_sent_after_a_fatal_answer() -> None:
+    """The first request goes alone and is refused for good: those that waited are aborted,
+    unsent."""
+    def revoked(inputs: list[str]) -> httpx.Response | None:
+        time.sleep(0.3)  # real time, so the other batches reach the gate
+        return httpx.Response(401, json={"error": {"message": "bad key", "code": "invalid_api_key"}})
+
+    server = FakeEmbeddings(revoked)
+    session = EmbedSession(make_settings(max_concurrency=4), api_key=KEY,
+                           transport=server.transport())
+    batches = [batch_of(8, prefix) for prefix in "abcd"]
+    try:
+        outcomes = [f.result(timeout=30) for f in [session.submit(b) for b in batches]]
+    finally:
+        session.close()
+    assert len(server.requests) == 1
+    for batch, outcome in zip(batches, outcomes, strict=True):
+        assert {r.reason for r in outcome.rejects} == {"aborted"}
+        assert_accounted(batch, outcome)

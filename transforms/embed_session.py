@@ -219,6 +219,9 @@ class EmbedSession:
         est_tokens = sum(c.n_tokens for c in chunks)
         try:
             with self.cap.admit(len(chunks)):
+                aborted = self.abort.message  # again: the request it waited for may have aborted
+                if aborted is not None:
+                    return _rejects(chunks, ABORTED, aborted, 0)
                 try:
                     result = self._metered(
                         functools.partial(self.provider.embed, self._client, texts,
