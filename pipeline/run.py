@@ -52,7 +52,7 @@ from transforms.manifest import (
     write_json_atomically,
 )
 from transforms.pack import make_request_batch
-from transforms.providers.base import CANNOT_CONNECT
+from transforms.providers.base import CANNOT_CONNECT, NO_ANSWER
 from transforms.retry import RetryPolicy
 from transforms.types import PROVIDER_REJECTED, Chunk
 from transforms.write import USAGE, write_rows
@@ -149,7 +149,10 @@ def preflight(cfg: Config, ctx: RunContext, api_key: str | None) -> BatchOutcome
     It goes through the same session as the pipeline (provider, limiter, classification) with a
     short retry policy, and its usage row is written like any other: every HTTP attempt is
     accounted for. A 429 or 503 that outlasts the short policy is let through; the pipeline has
-    the full retry policy.
+    the full retry policy. A server that never answers is not: three attempts of
+    ``provider.timeout_s`` end the run (:func:`preflight_failure`), where the pipeline would
+    wait that long for every request. The short policy's ``max_wait_s`` also bounds the
+    limiter's pauses, so a ``Retry-After: 3600`` costs the preflight two seconds, not an hour.
     """
     settings = replace(
         embed_settings(cfg, ctx), max_concurrency=1, progress_interval_s=None,
@@ -166,17 +169,27 @@ def preflight(cfg: Config, ctx: RunContext, api_key: str | None) -> BatchOutcome
 
 
 def preflight_failure(cfg: Config, outcome: BatchOutcome) -> str | None:
-    """Why the preflight says the run cannot work, with what to check; None if it can."""
+    """Why the preflight says the run cannot work, with what to check; None if it can.
+
+    It cannot when the provider refused it (fatal, or the one input rejected), when no attempt
+    could connect, when no attempt got any answer within ``provider.timeout_s``, or when the
+    server redirects (fatal: a redirect is never followed).
+    """
     p = cfg.provider
     last = outcome.usage[-1] if outcome.usage else None
     status = last.http_status if last else None
-    never_connected = bool(outcome.usage) and all(
-        u.http_status is None and CANNOT_CONNECT in (u.error or "") for u in outcome.usage
-    )
+    errors = [u.error or "" for u in outcome.usage if u.http_status is None]
+    unanswered = bool(outcome.usage) and len(errors) == len(outcome.usage)
+    never_connected = unanswered and all(CANNOT_CONNECT in e for e in errors)
+    timed_out = unanswered and all(CANNOT_CONNECT in e or NO_ANSWER in e for e in errors)
     if outcome.fatal is not None:
         problem = outcome.fatal
     elif outcome.rejects and (outcome.rejects[0].reason == PROVIDER_REJECTED or never_connected):
         problem = outcome.rejects[0].detail
+    elif outcome.rejects and timed_out:
+        return (f"{NO_ANSWER} provider.timeout_s={p.timeout_s:g}s in {len(errors)} attempts: "
+                f"the server at {p.base_url} takes connections but does not answer — check that "
+                "it is up and not stuck (or raise provider.timeout_s if it is only that slow)")
     else:
         return None  # it answered, if badly: the pipeline's full retry policy takes over
     hint = {
@@ -185,6 +198,8 @@ def preflight_failure(cfg: Config, outcome: BatchOutcome) -> str | None:
         404: f"check provider.base_url ({p.base_url}) and provider.model ({p.model!r})",
         None: f"check that provider.base_url ({p.base_url}) is reachable from here",
     }.get(status, "check the provider settings (model, dimensions) and the account's quota")
+    if status is not None and 300 <= status < 400:
+        hint = f"check provider.base_url ({p.base_url}): it redirects"
     return f"{problem} — {hint}"
 
 

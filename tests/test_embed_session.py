@@ -265,6 +265,9 @@ def test_a_fatal_answer_aborts_the_session_while_others_are_in_flight(
 
     server = FakeEmbeddings(rule)
     session = open_session(server, max_inputs_per_request=8)
+    # A session's first request goes alone (the RequestCap gate): answered, the two below
+    # are sent side by side.
+    assert len(embedded(session.embed_batch(batch_of(8, "warm")))) == 8
     pending = session.submit(slow)  # 8 requests of 8, one at a time; the first one hangs
     assert in_flight.wait(timeout=30)
     aborting = session.submit(refused).result(timeout=30)
@@ -289,7 +292,7 @@ def test_a_fatal_answer_aborts_the_session_while_others_are_in_flight(
     assert after.batches == [] and after.usage == [] and after.fatal is None
     assert {(r.reason, r.attempts) for r in after.rejects} == {(ABORTED, 0)}
     assert_accounted(late, after)
-    assert len(server.requests) == 2
+    assert len(server.requests) == 3  # the warm-up, the slow one and the refused one
     assert [(u.outcome, u.http_status) for u in aborting.usage] == [(OUTCOME_FAILED, 401)]
     assert [u.outcome for u in finished.usage] == [OUTCOME_OK]
 

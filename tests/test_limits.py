@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from tests.support.fakes import FakeClock
-from transforms.limits import RateLimiter, RateLimits
+from transforms.limits import RATE_HEADERS, RETRY_AFTER, UNTRUSTED_USAGE, RateLimiter, RateLimits
 
 
 def admitted_over(limiter: RateLimiter, clock: FakeClock, tokens: int, seconds: float) -> int:
@@ -87,3 +87,73 @@ def test_exhausted_header_pauses_until_reset() -> None:
 def test_share_splits_budget_between_workers() -> None:
     assert RateLimits(3000, 1_000_000).share(4) == RateLimits(750, 250_000)
     assert RateLimits(3000, 1_000_000).share(0) == RateLimits(3000, 1_000_000)
+
+
+# -- every pause bounded (issue 12, item 1) ------------------------------------------------------
+
+
+def test_an_hour_asked_for_is_a_pause_of_at_most_max_pause() -> None:
+    clock = FakeClock()
+    limiter = RateLimiter(RateLimits(600, 10**9), clock=clock, max_pause_s=2.0)
+    limiter.on_throttle(retry_after_s=3600.0)
+    t0 = clock.now()
+    limiter.acquire(1)
+    assert clock.now() - t0 == pytest.approx(2.0)
+    limiter.on_hint(remaining_requests=0, remaining_tokens=None, reset_s=3600.0)
+    t1 = clock.now()
+    limiter.acquire(1)
+    assert clock.now() - t1 == pytest.approx(2.0)
+    pauses = limiter.take_pauses()
+    assert pauses.events == {RETRY_AFTER: 1, RATE_HEADERS: 1}
+    assert pauses.seconds == pytest.approx(4.0)
+    assert not limiter.take_pauses()  # handed over once
+
+
+def test_an_answer_claiming_a_trillion_tokens_is_not_believed() -> None:
+    clock = FakeClock()
+    limiter = RateLimiter(RateLimits(10**6, 60_000), clock=clock, max_pause_s=2.0)
+    charged = limiter.charge_for(100)
+    limiter.acquire(charged)
+    limiter.settle(charged, 100, 10**12)
+    t0 = clock.now()
+    limiter.acquire(limiter.charge_for(100))
+    assert clock.now() - t0 < 0.2  # no debt
+    assert limiter.calibration == 1.0
+    assert limiter.take_pauses().events == {UNTRUSTED_USAGE: 1}
+    assert not limiter.plausible(100, 0)  # "0" is "not counted"
+    assert limiter.plausible(2, 512)  # a tiny request padded to the model's length
+
+
+def test_a_believable_debt_is_paid_for_at_most_max_pause() -> None:
+    clock = FakeClock()
+    limiter = RateLimiter(RateLimits(10**6, 60_000), clock=clock, max_pause_s=2.0)
+    charged = limiter.charge_for(20_000)
+    limiter.acquire(charged)
+    limiter.settle(charged, 20_000, 80_000)  # 4x: believable, 80 s of budget
+    t0 = clock.now()
+    limiter.acquire(limiter.charge_for(10))
+    # At most max_pause_s, plus what the bucket must hold for the request itself.
+    assert clock.now() - t0 <= 2.0 + limiter.burst_s
+
+
+# -- any unit (issue 12, item 5) -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("ratio", [0.3, 1.0, 4.4, 12.0, 40.0])
+def test_the_first_count_sets_the_unit_whatever_the_ratio(ratio: float) -> None:
+    """A provider counting in characters (4.4x cl100k) is charged 4.4x from its first answer:
+    a moving average starting at 1 under-charged a dozen answers and ran into its limit."""
+    clock = FakeClock()
+    limiter = RateLimiter(RateLimits(10**6, 60_000), clock=clock)
+    charged = limiter.charge_for(100)
+    limiter.acquire(charged)
+    limiter.settle(charged, 100, round(100 * ratio))
+    assert limiter.charge_for(100) == round(100 * ratio)
+    # And the provider's tokens go out at its limit, in its units.
+    start, provider_tokens = clock.now(), 0
+    while clock.now() - start < 120:
+        charged = limiter.charge_for(100)
+        limiter.acquire(charged)
+        limiter.settle(charged, 100, round(100 * ratio))
+        provider_tokens += round(100 * ratio)
+    assert 60_000 <= provider_tokens / 2 <= 61_100 + 100 * ratio

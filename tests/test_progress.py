@@ -7,6 +7,7 @@ import logging
 
 import pytest
 
+from transforms.limits import RATE_HEADERS, RETRY_AFTER, Pauses
 from transforms.progress import ProgressReporter
 from transforms.types import UsageRecord
 
@@ -49,3 +50,19 @@ def test_eta_from_this_workers_share_and_pace() -> None:
     line = progress.line(whole_run=True)
     progress.close()
     assert line.endswith(("ETA 0m30s", "ETA 0m29s"))
+
+
+def test_line_counts_throttling_whatever_its_source_and_the_requests_awaiting() -> None:
+    """A pause asked by rate headers is throttling too; requests sent and unanswered show with
+    the age of the oldest (a server that never answers showed "0 requests" for ten minutes)."""
+    progress = ProgressReporter("host:4", tokens_per_minute=60_000, interval_s=60,
+                                awaiting=lambda: (3, 42.7))
+    progress.started()
+    pauses = Pauses()
+    pauses.add(RATE_HEADERS, 2.0)
+    pauses.add(RETRY_AFTER, 1.5)
+    progress.finished(8, 0, [usage(429, "retry", 0), usage(200, "ok", 1500)], pauses=pauses)
+    line = progress.line(whole_run=True)
+    progress.close()
+    assert "2 requests, 2 throttled (4s paused)" in line, line
+    assert "0 batches in flight; 3 requests awaiting an answer, the oldest for 42s" in line, line

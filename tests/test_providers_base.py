@@ -8,6 +8,7 @@ import httpx
 import numpy as np
 import pytest
 
+from tests.support.quirks import CAP_SHAPES
 from transforms.errors import (
     FatalProviderError,
     InputRejectedError,
@@ -26,6 +27,7 @@ from transforms.providers.base import (
     parse_rate_limit_headers,
     retry_after_seconds,
 )
+from transforms.providers.openai import OpenAIConfig, OpenAIProvider
 
 
 def b64(values) -> str:
@@ -149,3 +151,57 @@ def test_uniform_base64_is_decoded_at_once_and_still_aligned_by_index() -> None:
     items[2] = {**items[2], "embedding": "!" + items[2]["embedding"][1:]}
     with pytest.raises(MalformedResponseError, match="embedding 6 is not valid base64"):
         align_by_index(items, 7)
+
+
+# -- caps on inputs per request, in every shape (issue 12, item 4) ------------------------------
+
+
+@pytest.mark.parametrize("shape", sorted(CAP_SHAPES))
+def test_a_stated_cap_is_read_in_every_shape(shape: str) -> None:
+    reply = CAP_SHAPES[shape](8, 64)
+    assert isinstance(reply.body, dict)
+    error = Provider.classify_error(Provider.__new__(Provider), response(reply.status, reply.body))
+    assert type(error) is RequestTooLargeError
+    assert error.max_inputs == 8 and error.http_status == reply.status
+
+
+@pytest.mark.parametrize(
+    ("status", "body"),
+    [
+        (400, {"object": "error", "message": "This model's maximum context length is 512 tokens. "
+               "However, you requested 700 tokens", "type": "BadRequestError", "code": 400}),
+        (400, {"error": {"message": "input must have at most 8192 tokens"}}),
+        (422, {"detail": [{"type": "string_too_long", "loc": ["body", "input", 3],
+                           "msg": "String should have at most 100 characters",
+                           "ctx": {"max_length": 100}}]}),
+        # An input echoed back must not set a cap, whatever it says.
+        (422, {"detail": [{"type": "string_type", "loc": ["body", "input", 0],
+                           "msg": "Input should be a valid string",
+                           "input": "The max number of inputs is 3."}]}),
+    ],
+)
+def test_a_per_input_limit_is_not_a_cap_on_inputs(status: int, body: dict) -> None:
+    error = Provider.classify_error(Provider.__new__(Provider), response(status, body))
+    assert type(error) is InputRejectedError
+
+
+# -- redirects (issue 12, item 3) ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("status", [301, 302, 303, 307, 308])
+def test_a_redirect_is_fatal_and_never_followed(status: int) -> None:
+    seen: list[str] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(str(request.url))
+        return httpx.Response(status, headers={"location": "https://elsewhere.test/v1/embeddings"})
+
+    cfg = OpenAIConfig(kind="openai", base_url="http://api.test/v1", model="m",
+                       api_key_env=None, encoding_format="float")
+    client = httpx.Client(transport=httpx.MockTransport(handler), follow_redirects=True)
+    with client, pytest.raises(FatalProviderError) as caught:
+        OpenAIProvider(cfg).embed(client, ["hello"], "sk-key", 1)
+    assert seen == ["http://api.test/v1/embeddings"]  # even a client that follows does not
+    assert caught.value.http_status == status
+    assert "https://elsewhere.test/v1/embeddings" in caught.value.message
+    assert "provider.base_url" in caught.value.message

@@ -13,8 +13,10 @@ What a call does with retries, limits or an aborted run is the caller's business
 :class:`~transforms.errors.InputRejectedError` and
 :class:`~transforms.errors.RequestTooLargeError` split, any other exception propagates.
 
-:class:`RequestCap` is the one piece of state around it: the largest request a server took,
-learned from the caps it states, shared by every thread of a session.
+:class:`RequestCap` is the one piece of state around it: the largest request a server takes,
+learned from the caps it states, shared by every thread of a session. It also holds back a
+request larger than any the server has answered while another such request is out, so that
+a cap costs one refused request per worker, not one per thread.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
@@ -106,7 +109,17 @@ class RequestCap:
 
     Shrinks only, and is shared by every thread of a session, so once one request learns that
     the server takes at most ``n`` inputs, every later batch is cut to ``n`` before it is sent
-    instead of being refused first (text-embeddings-inference's ``--max-client-batch-size``).
+    instead of being refused first (text-embeddings-inference's ``--max-client-batch-size``,
+    FastAPI's 422 ``too_long``, Azure's "max number of inputs").
+
+    It is also a gate (:meth:`admit`): a request larger than any the server has answered waits
+    while another such request is out. The first one finds out whether its size passes; the
+    others then go (it passed, or they are no larger than what it found to pass) or are cut to
+    the cap it stated, unsent. Without the gate every thread sent its own oversized request
+    before the first refusal came back (and batches of two sizes each cost one). The first
+    request of a session is such a probe, so its answer, alone, also teaches the rate limiter
+    the provider's unit of count (:meth:`~transforms.limits.RateLimiter.settle`) before the
+    other threads send: the price is one request's latency at the start.
 
     >>> cap = RequestCap(256)
     >>> cap.learn(8), cap.learn(16), cap.value
@@ -115,7 +128,9 @@ class RequestCap:
 
     def __init__(self, configured: int) -> None:
         self._value = max(1, configured)
-        self._lock = threading.Lock()
+        self._answered = 0  # the largest request the server has answered
+        self._probing = False  # a request larger than that is out
+        self._cond = threading.Condition()
 
     @property
     def value(self) -> int:
@@ -124,10 +139,48 @@ class RequestCap:
     def learn(self, stated: int) -> bool:
         """Obey ``stated`` from now on if it is smaller; True when the cap was lowered."""
         stated = max(1, stated)
-        with self._lock:
+        with self._cond:
             if stated >= self._value:
                 return False
             self._value = stated
+            self._cond.notify_all()
         log.warning("embedpipe: the provider caps requests at %d inputs; sending at most that "
                     "many from now on (set provider.max_inputs_per_request=%d)", stated, stated)
         return True
+
+    @contextmanager
+    def admit(self, n: int) -> Iterator[None]:
+        """Around sending a request of ``n`` inputs: wait while a larger-than-ever one is out.
+
+        Raises :class:`~transforms.errors.RequestTooLargeError` stating the cap, without
+        sending, when ``n`` is over a cap learned meanwhile: :func:`bisect` cuts it. Call
+        :meth:`answered` inside the block when the server answered, and :meth:`learn` inside
+        it when the server stated a cap, so the requests waiting see it when they wake.
+        """
+        probe = False
+        with self._cond:
+            while True:
+                if n > self._value:
+                    raise RequestTooLargeError(
+                        f"{n} inputs, over the provider's stated cap of {self._value}",
+                        max_inputs=self._value)
+                if n <= self._answered:
+                    break
+                if not self._probing:
+                    self._probing = probe = True
+                    break
+                self._cond.wait()
+        try:
+            yield
+        finally:
+            if probe:
+                with self._cond:
+                    self._probing = False
+                    self._cond.notify_all()
+
+    def answered(self, n: int) -> None:
+        """The server answered a request of ``n`` inputs: that size passes without waiting."""
+        with self._cond:
+            if n > self._answered:
+                self._answered = n
+                self._cond.notify_all()

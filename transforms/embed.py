@@ -33,6 +33,7 @@ from transforms.embed_session import (
     acquire_session,
     release_session,
 )
+from transforms.limits import PAUSE_CAUSES
 from transforms.outputs import in_global_window
 from transforms.pack import BatchCaps, RequestPacker
 from transforms.process_memory import (
@@ -76,8 +77,21 @@ class _EmbedMetrics:
         self.chunks_embedded = counter("chunks_embedded")
         self.chunks_failed = counter("chunks_failed")
         self.latency_ms = Metrics.distribution("embedpipe", "request_latency_ms")
+        # The limiter's pauses by cause (429s, empty rate windows, unbelievable usage) and the
+        # provider's token count against ours, for the run summary.
+        self.paused_ms = counter("paused_ms")
+        self.pauses = {cause: counter(f"pauses.{cause}") for cause in PAUSE_CAUSES}
+        self.usage_tokens = counter("usage_tokens_reported")
+        self.usage_estimate = counter("usage_tokens_estimated")
 
     def record(self, outcome: BatchOutcome) -> None:
+        for cause, n in outcome.pauses.events.items():
+            self.pauses[cause].inc(n)
+        if outcome.pauses.seconds:
+            self.paused_ms.inc(int(outcome.pauses.seconds * 1000))
+        if outcome.usage_estimate:
+            self.usage_tokens.inc(outcome.usage_tokens)
+            self.usage_estimate.inc(outcome.usage_estimate)
         for row in outcome.usage:
             self.requests.inc()
             self.latency_ms.update(int(row.latency_ms))

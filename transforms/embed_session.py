@@ -12,7 +12,8 @@ the parts that decide what happens to a request, each a small object of its own 
 - :class:`~transforms.bisection.RequestCap` cuts a batch into requests; :func:`~transforms.
   bisection.bisect` splits a request refused for one input until that input is alone (only it
   is rejected, with the provider's message), and a "too large" answer that states a cap lowers
-  the cap for every later batch;
+  the cap for every later batch; while a request larger than any answered is out, others as
+  large wait for its answer, so a cap costs one refused request per worker;
 - :class:`~transforms.metered.MeteredCall` sends each request through the rate limiter and the
   retry policy, with one usage row per HTTP attempt (:class:`~transforms.usage.UsageRows`);
 - :class:`~transforms.abort.AbortFlag`: a fatal answer (bad key, no quota, unknown model) stops
@@ -42,8 +43,14 @@ from transforms.abort import AbortFlag
 from transforms.answer_watch import AnswerWatch
 from transforms.bisection import Refused, RequestCap, bisect, spans
 from transforms.cache import CacheIndex, CacheSpec, close_cache, open_cache
-from transforms.errors import FatalProviderError, ProviderError, RetryableError, redact
-from transforms.limits import MONOTONIC, Clock, RateLimiter, RateLimits
+from transforms.errors import (
+    FatalProviderError,
+    ProviderError,
+    RequestTooLargeError,
+    RetryableError,
+    redact,
+)
+from transforms.limits import MONOTONIC, Clock, Pauses, RateLimiter, RateLimits
 from transforms.metered import MeteredCall
 from transforms.progress import ProgressReporter
 from transforms.providers import get_provider_class
@@ -88,6 +95,11 @@ class BatchOutcome:
     rejects: list[Reject] = field(default_factory=list)
     usage: list[UsageRecord] = field(default_factory=list)
     fatal: str | None = None
+    # The limiter's pauses handed over with this batch (each pause is reported once).
+    pauses: Pauses = field(default_factory=Pauses)
+    # Over the answers that reported usage: the provider's count, and ours of the same inputs.
+    usage_tokens: int = 0
+    usage_estimate: int = 0
 
 
 class EmbedSession:
@@ -114,7 +126,8 @@ class EmbedSession:
         self.clock = clock
         self.provider: Provider = get_provider_class(settings.provider.kind)(
             settings.provider, clock=clock)
-        self.limiter = RateLimiter(settings.limits, clock=clock)
+        self.limiter = RateLimiter(settings.limits, clock=clock,
+                                   max_pause_s=settings.retry.max_wait_s)
         self.worker = f"{socket.gethostname()}:{os.getpid()}"
         self.abort = AbortFlag()
         self.watch = AnswerWatch(settings.provider.model, worker=self.worker)
@@ -140,9 +153,9 @@ class EmbedSession:
         )
         self.cache: CacheIndex | None = (
             open_cache(settings.cache) if settings.cache is not None else None)
-        self._progress = (
+        self.progress = (
             ProgressReporter(self.worker, settings.limits.tokens_per_minute,
-                             settings.progress_interval_s)
+                             settings.progress_interval_s, self._metered.in_flight.snapshot)
             if settings.progress_interval_s else None
         )
         if settings.provider.api_key_env and not api_key:
@@ -159,8 +172,8 @@ class EmbedSession:
         self._client.close()
         if self.cache is not None and self.settings.cache is not None:
             close_cache(self.settings.cache)
-        if self._progress is not None:
-            self._progress.close()
+        if self.progress is not None:
+            self.progress.close()
 
     def submit(self, batch: RequestBatch) -> Future[BatchOutcome]:
         """Embed ``batch`` on the session's thread pool."""
@@ -171,9 +184,9 @@ class EmbedSession:
     def embed_batch(self, batch: RequestBatch) -> BatchOutcome:
         """Embed every chunk of ``batch``: each ends embedded or rejected, never both."""
         out = BatchOutcome()
-        if self._progress is not None:
-            self._progress.started()
-        send = functools.partial(self._send, batch, out.usage)
+        if self.progress is not None:
+            self.progress.started()
+        send = functools.partial(self._send, batch, out)
         for start, span in spans(batch.chunks, self.cap.value):
             for answer in bisect(span, send, offset=start, on_cap=self.cap.learn):
                 if isinstance(answer, EmbeddedBatch):
@@ -184,19 +197,22 @@ class EmbedSession:
                 else:
                     out.rejects.extend(answer)
         self._remember(out.batches)
-        if self._progress is not None:
-            self._progress.finished(sum(len(b) for b in out.batches), len(out.rejects), out.usage,
-                                    batch.n_tokens)
+        out.pauses = self.limiter.take_pauses()
+        if self.progress is not None:
+            self.progress.finished(sum(len(b) for b in out.batches), len(out.rejects), out.usage,
+                                   batch.n_tokens, out.pauses)
         out.fatal = self.abort.report_once()
         return out
 
     def _send(
-        self, batch: RequestBatch, usage: list[UsageRecord], offset: int, chunks: Sequence[Chunk]
+        self, batch: RequestBatch, out: BatchOutcome, offset: int, chunks: Sequence[Chunk]
     ) -> EmbeddedBatch | list[Reject]:
         """One request for ``chunks`` (a span of ``batch``): its vectors, or its rejects.
 
         Per-input and "too large" errors are raised, for :func:`~transforms.bisection.bisect`
-        to split on; fatal and exhausted ones end the span here.
+        to split on; fatal and exhausted ones end the span here. A cap the server states is
+        learned before the request's turn at the :meth:`~transforms.bisection.RequestCap.admit`
+        gate ends, so the requests waiting there are cut to it without being sent.
         """
         aborted = self.abort.message
         if aborted is not None:
@@ -204,14 +220,24 @@ class EmbedSession:
         texts = [c.text for c in chunks]
         est_tokens = sum(c.n_tokens for c in chunks)
         try:
-            result = self._metered(
-                functools.partial(self.provider.embed, self._client, texts, self._api_key,
-                                  est_tokens),
-                request_id=f"{batch.batch_id}:{offset}+{len(chunks)}",
-                n_inputs=len(chunks),
-                est_tokens=est_tokens,
-                usage=usage,
-            )
+            with self.cap.admit(len(chunks)):
+                aborted = self.abort.message  # again: the request it waited for may have aborted
+                if aborted is not None:
+                    return _rejects(chunks, ABORTED, aborted, 0)
+                try:
+                    result = self._metered(
+                        functools.partial(self.provider.embed, self._client, texts,
+                                          self._api_key, est_tokens),
+                        request_id=f"{batch.batch_id}:{offset}+{len(chunks)}",
+                        n_inputs=len(chunks),
+                        est_tokens=est_tokens,
+                        usage=out.usage,
+                    )
+                except RequestTooLargeError as exc:
+                    if exc.max_inputs:
+                        self.cap.learn(exc.max_inputs)
+                    raise
+                self.cap.answered(len(chunks))
         except FatalProviderError as exc:
             message = self.abort.set(
                 self._redact(f"the provider refused the run: {self._describe(exc)}"))
@@ -221,6 +247,10 @@ class EmbedSession:
             detail = f"gave up after {attempts} attempts: {self._describe(exc)}"
             return _rejects(chunks, RETRIES_EXHAUSTED, detail, attempts)
         self.watch.observe(result, n_inputs=len(chunks), est_tokens=est_tokens)
+        if not result.tokens_estimated and self.limiter.plausible(est_tokens,
+                                                                  result.prompt_tokens):
+            out.usage_tokens += result.prompt_tokens
+            out.usage_estimate += est_tokens
         return EmbeddedBatch(chunks=tuple(chunks), model=self.settings.provider.model,
                              vectors=result.vectors)
 

@@ -13,7 +13,10 @@ error once the attempts are exhausted.
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Callable
+import itertools
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 from transforms.errors import ProviderError, RateLimitedError, RetryableError
 from transforms.limits import MONOTONIC, Clock, RateLimiter
@@ -21,6 +24,39 @@ from transforms.providers.base import EmbeddingResult
 from transforms.retry import RetryPolicy
 from transforms.types import UsageRecord
 from transforms.usage import Attempt, UsageRows
+
+
+class InFlight:
+    """The HTTP requests sent and not yet answered: how many, and since when. Thread-safe.
+
+    A server that accepts connections and never answers showed "0 requests" for ten minutes:
+    requests are counted when they finish. This says what is waiting, for the progress lines.
+    """
+
+    def __init__(self, clock: Clock = MONOTONIC) -> None:
+        self.clock = clock
+        self._lock = threading.Lock()
+        self._sent: dict[int, float] = {}
+        self._ids = itertools.count()
+
+    @contextmanager
+    def sending(self) -> Iterator[None]:
+        """Around one HTTP attempt: counted from entry until it answers or fails."""
+        with self._lock:
+            token = next(self._ids)
+            self._sent[token] = self.clock.now()
+        try:
+            yield
+        finally:
+            with self._lock:
+                del self._sent[token]
+
+    def snapshot(self) -> tuple[int, float]:
+        """``(requests awaiting an answer, seconds the oldest has waited)``; ``(0, 0.0)`` if none."""
+        with self._lock:
+            if not self._sent:
+                return 0, 0.0
+            return len(self._sent), self.clock.now() - min(self._sent.values())
 
 
 class MeteredCall:
@@ -49,6 +85,7 @@ class MeteredCall:
         self.rows = rows
         self.clock = clock
         self.describe = describe
+        self.in_flight = InFlight(clock)
 
     def __call__(
         self,
@@ -73,7 +110,8 @@ class MeteredCall:
                 started_at = dt.datetime.now(dt.timezone.utc)
                 t0 = self.clock.now()
                 try:
-                    result = send()
+                    with self.in_flight.sending():
+                        result = send()
                 except ProviderError as exc:
                     limiter.refund(charged)
                     if isinstance(exc, RateLimitedError):

@@ -4,12 +4,16 @@ One :class:`ProgressReporter` per embed session (so per worker process and run).
 their outcome as they finish; a daemon thread logs one line per interval while work goes on, and
 a last line when the session closes::
 
-    embedpipe progress host:4242: 5120 chunks embedded, 3 failed | 212 requests, 4 throttled |
-    61.2k tokens/min (98% of this worker's 62.5k limit), 1.2M in all | 16 batches in flight |
-    ETA 4m10s
+    embedpipe progress host:4242: 5120 chunks embedded, 3 failed | 212 requests, 4 throttled
+    (6s paused) | 61.2k tokens/min (98% of this worker's 62.5k limit), 1.2M in all | 16 batches
+    in flight; 12 requests awaiting an answer, the oldest for 2s | ETA 4m10s
 
-The ETA divides this worker's share of the job's tokens (known once the chunks to send are
-known) by its pace so far.
+"Throttled" counts every slow-down the provider asked for, whatever its form: a 429 answer,
+or rate headers saying its window is empty (a pause without a 429); "paused" is the wall time
+the limiter held every sender. The requests awaiting an answer are those sent and not yet
+answered, with the age of the oldest: a server that takes connections and never answers shows
+there, long before any request finishes. The ETA divides this worker's share of the job's
+tokens (known once the chunks to send are known) by its pace so far.
 
 Beam's own metrics say the same at the end of a run; these lines are for watching a run live,
 in the worker logs of Dataflow or Flink as much as on a terminal.
@@ -20,7 +24,9 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 
+from transforms.limits import RATE_HEADERS, Pauses
 from transforms.types import OUTCOME_OK
 
 log = logging.getLogger("embedpipe.progress")
@@ -34,12 +40,19 @@ def _si(value: float) -> str:
 
 
 class ProgressReporter:
-    """Thread-safe counters plus a background thread that logs them every ``interval_s``."""
+    """Thread-safe counters plus a background thread that logs them every ``interval_s``.
 
-    def __init__(self, worker: str, tokens_per_minute: float, interval_s: float) -> None:
+    ``awaiting`` reports the requests sent and not yet answered and the age of the oldest
+    (:meth:`transforms.metered.InFlight.snapshot`); without it the line says none.
+    """
+
+    def __init__(self, worker: str, tokens_per_minute: float, interval_s: float,
+                 awaiting: Callable[[], tuple[int, float]] | None = None) -> None:
         self.worker = worker
         self.tokens_per_minute = tokens_per_minute
         self.interval_s = interval_s
+        self.awaiting = awaiting or (lambda: (0, 0.0))
+        self._pauses = Pauses()
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -65,8 +78,12 @@ class ProgressReporter:
         with self._lock:
             self._expected_tokens = max(self._expected_tokens, tokens)
 
-    def finished(self, embedded: int, failed: int, usage: list, est_tokens: int = 0) -> None:
+    def finished(self, embedded: int, failed: int, usage: list, est_tokens: int = 0,
+                 pauses: Pauses | None = None) -> None:
+        """One batch done: its chunks, its usage rows, and the limiter's pauses since the last."""
         with self._lock:
+            if pauses:
+                self._pauses.merge(pauses)
             self._done_tokens += est_tokens
             self._in_flight -= 1
             self._embedded += embedded
@@ -94,13 +111,22 @@ class ProgressReporter:
             rate = tokens / max(1e-6, now - since) * 60.0
             self._window_start, self._window_tokens = now, 0
             share = rate / self.tokens_per_minute * 100 if self.tokens_per_minute else 0.0
+            throttled = self._throttled + self._pauses.events.get(RATE_HEADERS, 0)
+            paused = f" ({self._pauses.seconds:.0f}s paused)" if self._pauses.seconds >= 1 else ""
             return (
                 f"embedpipe progress {self.worker}: {self._embedded} chunks embedded, "
-                f"{self._failed} failed | {self._requests} requests, {self._throttled} throttled | "
-                f"{_si(rate)} tokens/min ({share:.0f}% of this worker's "
+                f"{self._failed} failed | {self._requests} requests, {throttled} throttled"
+                f"{paused} | {_si(rate)} tokens/min ({share:.0f}% of this worker's "
                 f"{_si(self.tokens_per_minute)} limit), {_si(self._tokens)} in all | "
-                f"{self._in_flight} batches in flight{self._eta(now)}"
+                f"{self._in_flight} batches in flight; {self._awaiting()}{self._eta(now)}"
             )
+
+    def _awaiting(self) -> str:
+        n, oldest_s = self.awaiting()
+        if not n:
+            return "0 requests awaiting an answer"
+        return (f"{n} request{'s' if n != 1 else ''} awaiting an answer, "
+                f"the oldest for {int(oldest_s)}s")
 
     def _eta(self, now: float) -> str:
         """`` | ETA 3m05s`` from this worker's pace so far; empty until it can be estimated."""

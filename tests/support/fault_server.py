@@ -22,7 +22,8 @@ One ``POST /v1/embeddings`` goes through, in order::
 Rate limits are continuously refilled buckets holding ``burst_s`` seconds of budget, the way
 providers enforce a per-minute limit over short windows; tokens are counted by
 :func:`~pipeline.local_server.count_tokens`, which differs from the client's tokenizer as a real
-provider's does. Every answer above carries ``x-ratelimit-*`` headers for the configured limits.
+provider's does, or as characters (``count_chars``, in usage too: infinity's habit). Every
+answer above carries ``x-ratelimit-*`` headers for the configured limits.
 
 Determinism: the faults come from ``random.Random(seed)``, one draw per request that passed the
 limiter, taken under a lock in arrival order; sequential requests meet the same faults on every
@@ -154,7 +155,8 @@ class FaultPlan:
 
     seed: int = _option(0, "seed of the fault draws")
     rpm: int | None = _option(None, "requests per minute (default: unlimited)")
-    tpm: int | None = _option(None, "tokens per minute, by count_tokens (default: unlimited)")
+    tpm: int | None = _option(None, "tokens per minute, by count_tokens or count_chars "
+                                    "(default: unlimited)")
     burst_s: float = _option(2.0, "what each rate bucket holds, in seconds of its budget")
     latency_s: float = _option(0.0, "seconds added to every embedding answer")
     jitter_s: float = _option(0.0, "up to this many more seconds, uniformly drawn")
@@ -167,6 +169,8 @@ class FaultPlan:
     p_short: float = _option(0.0, "probability of a 200 with one embedding too few")
     p_shuffle: float = _option(0.0, "probability of a 200 with data in random order")
     quota_after: int | None = _option(None, "answer 429 insufficient_quota after N served requests")
+    count_chars: bool = _option(False, "count tokens as characters, in usage and the TPM limit "
+                                       "(as infinity does)")
 
     def __post_init__(self) -> None:
         probabilities = {name: getattr(self, name) for name, _ in _FAULTS}
@@ -424,7 +428,8 @@ class FaultServer(EmbeddingServer):
     def handle_embeddings(self, payload: dict[str, Any], headers: Mapping[str, str]) -> Reply:
         """Validate as the base server does, judge on arrival, wait, then answer per the verdict."""
         texts = self.parse_embedding_request(payload).texts
-        tokens = sum(count_tokens(text) for text in texts)
+        count = len if self.plan.count_chars else count_tokens
+        tokens = sum(count(text) for text in texts)
         with self._lock:
             verdict = self._judge(texts, tokens)
         time.sleep(verdict.delay_s)
@@ -448,6 +453,8 @@ class FaultServer(EmbeddingServer):
                 body = {**body, "data": body["data"][:-1]}
             case Outcome.SHUFFLED:
                 body = {**body, "data": [body["data"][i] for i in verdict.permutation]}
+        if self.plan.count_chars:
+            body = {**body, "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
         if verdict.outcome.served:  # a slow answer is not: the client has given up on it
             self._record_answer(texts, tokens)
         return Reply(200, body, verdict.headers)
@@ -549,6 +556,10 @@ def main(argv: list[str] | None = None) -> int:
     plan_fields = dataclasses.fields(FaultPlan)
     for plan_field in plan_fields:
         flag = plan_field.name.removesuffix("_s").replace("_", "-")
+        if hints[plan_field.name] is bool:
+            parser.add_argument(f"--{flag}", dest=plan_field.name, action="store_true",
+                                help=plan_field.metadata["help"])
+            continue
         parser.add_argument(
             f"--{flag}",
             dest=plan_field.name,

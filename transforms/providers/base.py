@@ -36,6 +36,7 @@ from transforms.errors import (
     RetryableError,
 )
 from transforms.limits import MONOTONIC, Clock
+from transforms.providers.caps import stated_input_cap
 from transforms.providers.config import BaseProviderConfig
 
 
@@ -160,7 +161,12 @@ class Provider:
         )
 
     def send(self, client: httpx.Client, request: HttpRequest) -> httpx.Response:
-        """One HTTP exchange, with transport failures translated to retryable errors."""
+        """One HTTP exchange, with transport failures translated to retryable errors.
+
+        A redirect (3xx) is fatal, never followed: the request carries the API key, and a
+        base URL that redirects is a configuration error (http:// for https://, a moved
+        gateway), not a reason to send the key to wherever the ``Location`` points.
+        """
         try:
             response = client.request(
                 request.method,
@@ -168,6 +174,7 @@ class Provider:
                 json=request.json,
                 headers=dict(request.headers),
                 params=request.params,
+                follow_redirects=False,  # whatever the client's default: see the docstring
             )
         except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
             raise RetryableError(
@@ -175,7 +182,7 @@ class Provider:
             ) from exc
         except httpx.TimeoutException as exc:
             raise RetryableError(
-                f"no answer within provider.timeout_s={self.cfg.timeout_s:g}s "
+                f"{NO_ANSWER} provider.timeout_s={self.cfg.timeout_s:g}s "
                 f"({type(exc).__name__})"
             ) from exc
         except httpx.TransportError as exc:
@@ -187,6 +194,8 @@ class Provider:
         # more rarely as the heap grows: a million chunks cost 200 MB of dead answers. The body
         # is read and the stream closed by now; an empty stream breaks the cycle.
         response.stream = httpx.ByteStream(b"")
+        if 300 <= response.status_code < 400:
+            raise redirect_error(response)
         return response
 
     # -- the answer -------------------------------------------------------------------------
@@ -211,8 +220,18 @@ class Provider:
         return l2_normalize(vectors) if self.cfg.normalize else vectors
 
     def classify_error(self, response: httpx.Response) -> ProviderError:
-        """Map an error answer to the most specific class (OpenAI-style rules by default)."""
+        """Map an error answer to the most specific class (OpenAI-style rules by default).
+
+        A refusal that states a cap on inputs per request, in any of the shapes servers use
+        (:mod:`transforms.providers.caps`), is a :class:`RequestTooLargeError` carrying it.
+        """
         code, message = error_code_and_message(response)
+        cap = stated_input_cap(response, message)
+        if cap is not None:
+            return RequestTooLargeError(
+                message, max_inputs=cap, http_status=response.status_code, code=code,
+                retry_after_s=retry_after_seconds(response.headers),
+                provider_request_id=request_id_of(response))
         return classify_http_error(
             response.status_code,
             code,
@@ -227,6 +246,22 @@ class Provider:
 #: How a failure to open a connection at all is described (the preflight tells it apart from a
 #: server that answers badly: only the first means a wrong or unreachable ``base_url``).
 CANNOT_CONNECT = "cannot connect to"
+#: How a request that got no answer within ``provider.timeout_s`` is described (the preflight
+#: ends a run whose every attempt ended so: the server takes connections and never answers).
+NO_ANSWER = "no answer within"
+
+
+def redirect_error(response: httpx.Response) -> FatalProviderError:
+    """A 3xx answer, as the configuration error it is, naming where it points."""
+    location = response.headers.get("location")
+    where = f"to {location}" if location else "without a Location"
+    return FatalProviderError(
+        f"the server answered with a redirect {where}; embedpipe never follows one (the API "
+        "key would go along): set provider.base_url to the API's own URL, if that host is the "
+        "one you mean to trust",
+        http_status=response.status_code,
+        provider_request_id=request_id_of(response),
+    )
 
 _QUOTA_WORDS = ("insufficient_quota", "quota", "billing", "overdue", "setlimitexceeded")
 

@@ -9,8 +9,9 @@ not subclasses:
 - Servers without ``usage`` (Ollama, some vLLM builds): tokens are estimated and the usage row
   says ``tokens_estimated``.
 - Servers that reject ``dimensions``: ``send_dimensions: false``.
-- Hugging Face text-embeddings-inference answers a request over its ``--max-client-batch-size``
-  with 413/422 "batch size 64 > maximum allowed batch size 8": that is classified as
+- A server with a cap on inputs per request states it when refusing a larger one (TEI's 413
+  "batch size 64 > maximum allowed batch size 8", FastAPI's 422 ``too_long``, vLLM's 400,
+  OpenAI's and Azure's 400): every shape is read (:mod:`transforms.providers.caps`), classified as
   :class:`~transforms.errors.RequestTooLargeError` carrying the cap, and the embed stage sends
   smaller requests from then on instead of failing.
 - Error bodies come in several shapes (OpenAI's ``{error: {message, code}}``, TEI's flat
@@ -20,28 +21,21 @@ not subclasses:
 
 from __future__ import annotations
 
-import re
 from collections.abc import Sequence
 from typing import ClassVar, Literal
 
 import httpx
 
-from transforms.errors import MalformedResponseError, ProviderError, RequestTooLargeError
+from transforms.errors import MalformedResponseError
 from transforms.providers.base import (
     EmbeddingResult,
     HttpRequest,
     Provider,
     align_by_index,
-    error_code_and_message,
     json_body,
-    request_id_of,
-    retry_after_seconds,
     usage_tokens,
 )
 from transforms.providers.config import BaseProviderConfig
-
-#: TEI's message when a request has more inputs than ``--max-client-batch-size``.
-_BATCH_CAP = re.compile(r"batch size (\d+) > maximum allowed batch size (\d+)")
 
 
 class OpenAIConfig(BaseProviderConfig):
@@ -74,20 +68,6 @@ class OpenAIProvider(Provider):
         self, response: httpx.Response, n_inputs: int, est_tokens: int
     ) -> EmbeddingResult:
         return parse_openai_answer(response, n_inputs, est_tokens)
-
-    def classify_error(self, response: httpx.Response) -> ProviderError:
-        if response.status_code in (413, 422):
-            _, message = error_code_and_message(response)
-            cap = _BATCH_CAP.search(message)
-            if cap:
-                return RequestTooLargeError(
-                    message,
-                    max_inputs=int(cap.group(2)),
-                    http_status=response.status_code,
-                    retry_after_s=retry_after_seconds(response.headers),
-                    provider_request_id=request_id_of(response),
-                )
-        return super().classify_error(response)
 
 
 def parse_openai_answer(
