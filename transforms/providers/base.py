@@ -470,7 +470,13 @@ def _decode_uniform_base64(values: list[Any]) -> np.ndarray | None:
 
 
 def check_vectors(vectors: np.ndarray, n_inputs: int, expected_dim: int | None) -> None:
-    """Final guard before vectors leave the provider: shape, dimension and finiteness."""
+    """Final guard before vectors leave the provider: shape, dimension, finiteness, not zero.
+
+    An all-zero vector is no embedding (a server that failed quietly, a model that returned its
+    padding): it would be written, cached and served again to every later run, and it makes
+    every cosine similarity undefined. It fails the answer like a malformed one: retried, and
+    rejected if it persists.
+    """
     if vectors.ndim != 2 or vectors.shape[0] != n_inputs:
         raise MalformedResponseError(
             f"answer has shape {vectors.shape} for {n_inputs} inputs"
@@ -481,6 +487,10 @@ def check_vectors(vectors: np.ndarray, n_inputs: int, expected_dim: int | None) 
         )
     if vectors.shape[1] == 0 or not np.isfinite(vectors).all():
         raise MalformedResponseError("answer has empty or non-finite embeddings")
+    zero = np.flatnonzero(~vectors.any(axis=1))
+    if len(zero):
+        raise MalformedResponseError(
+            f"answer has {len(zero)} all-zero embedding(s), the first at index {int(zero[0])}")
 
 
 def l2_normalize(vectors: np.ndarray) -> np.ndarray:
