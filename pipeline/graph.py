@@ -51,10 +51,16 @@ class RunContext:
     workers: int  # worker processes sharing the rate budget
     progress_interval_s: float | None = 5.0  # None: no progress lines
     extra_files: tuple[WrittenFile, ...] = ()  # committed by the launcher (the preflight's usage)
+    served_dim: int | None = None  # the dimension the preflight's answer had
 
 
-def namespace_key(cfg: Config) -> dict[str, Any]:
+def namespace_key(cfg: Config, served_dim: int | None = None) -> dict[str, Any]:
     """What a cached vector depends on besides its text.
+
+    With ``provider.dimensions`` unset, the dimension the server was seen to serve is part of
+    the key (``served_dimensions``): a server restarted with another model under the same name
+    gets a namespace of its own instead of mixing dimensions into the old one. Configs that set
+    ``dimensions`` keep their digest.
 
     The whole endpoint, not only its host: two Azure deployments, or a gateway routing paths to
     different models, share a host but not their vectors. ``normalize`` and ``parameters``
@@ -64,21 +70,24 @@ def namespace_key(cfg: Config) -> dict[str, Any]:
     """
     p = cfg.provider
     endpoint = urlsplit(p.base_url)
-    return {"kind": p.kind, "endpoint": f"{endpoint.netloc}{endpoint.path}".rstrip("/"),
-            "model": p.model, "dimensions": p.dimensions, "normalize": p.normalize,
-            "parameters": p.parameters if isinstance(p, EnvelopeConfig) else {}}
+    key = {"kind": p.kind, "endpoint": f"{endpoint.netloc}{endpoint.path}".rstrip("/"),
+           "model": p.model, "dimensions": p.dimensions, "normalize": p.normalize,
+           "parameters": p.parameters if isinstance(p, EnvelopeConfig) else {}}
+    if p.dimensions is None and served_dim is not None:
+        key["served_dimensions"] = served_dim
+    return key
 
 
-def cache_spec(cfg: Config, run_id: str) -> CacheSpec | None:
+def cache_spec(cfg: Config, run_id: str, served_dim: int | None = None) -> CacheSpec | None:
     """The namespace of this config, or None with ``cache.enabled: false``."""
     if not cfg.cache.enabled:
         return None
-    key = namespace_key(cfg)
+    key = namespace_key(cfg, served_dim)
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
     root = (cfg.cache.path or default_cache_root(cfg.output.path)).rstrip("/")
     return CacheSpec(url=f"{root}/{digest}", storage_options=tuple(
         sorted(cfg.output.storage_options.items())), run_id=run_id, model=cfg.provider.model,
-        key=json.dumps(key, sort_keys=True))
+        key=json.dumps(key, sort_keys=True), dim=cfg.provider.dimensions or served_dim)
 
 
 def output_spec(cfg: Config, ctx: RunContext) -> OutputSpec:
@@ -116,6 +125,7 @@ def embed_settings(cfg: Config, ctx: RunContext, cache: CacheSpec | None = None)
         progress_interval_s=ctx.progress_interval_s,
         cache=cache,
         workers=ctx.workers,
+        served_dim=ctx.served_dim,
     )
 
 
@@ -139,7 +149,7 @@ def _chunk_totals(rows: Iterable[tuple[int, int]]) -> tuple[int, int]:
 def build_pipeline(p: beam.Pipeline, cfg: Config, ctx: RunContext) -> None:
     """Wire the whole job onto ``p``; no I/O happens here."""
     spec = output_spec(cfg, ctx)
-    cache = cache_spec(cfg, ctx.run_id)
+    cache = cache_spec(cfg, ctx.run_id, ctx.served_dim)
     read = p | "ReadCorpus" >> ReadCorpus(cfg.input, range_bytes=cfg.input.range_bytes)
     valid = read[tags.RECORDS] | "ValidateDocuments" >> ValidateDocuments(cfg.validate_)
     split = valid[tags.DOCUMENTS] | "SplitChunks" >> SplitChunks(cfg.split)

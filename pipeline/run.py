@@ -256,7 +256,8 @@ def _run_holding_the_lease(request: RunRequest, cfg: Config, options: PipelineOp
                 log.error("embedpipe: the complete run %s in %s is kept; this run's manifest is "
                           "%s", (previous.manifest or {}).get("run_id"), cfg.output.path, where)
             return EXIT_FATAL_PROVIDER
-        ctx = replace(ctx, extra_files=(usage_file,))
+        served = next((b.vectors.shape[1] for b in outcome.batches if len(b)), None)
+        ctx = replace(ctx, extra_files=(usage_file,), served_dim=served)
 
     if is_local_runner(options):
         close_runner_data_race()

@@ -40,7 +40,7 @@ class ZeroServer(EmbeddingServer):
 def test_check_vectors_names_the_first_zero_row() -> None:
     vectors = np.ones((4, 3), dtype=np.float32)
     vectors[2] = 0
-    with pytest.raises(MalformedResponseError, match="1 all-zero embedding.*index 2"):
+    with pytest.raises(MalformedResponseError, match=r"1 all-zero embedding.*index 2"):
         check_vectors(vectors, 4, 3)
     check_vectors(np.ones((4, 3), dtype=np.float32), 4, 3)
 

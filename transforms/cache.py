@@ -79,6 +79,7 @@ class CacheSpec:
     run_id: str
     model: str
     key: str  # the namespace description, as JSON
+    dim: int | None = None  # the run's vector dimension, when known: no other is ever served
 
     def filesystem(self) -> tuple[fsspec.AbstractFileSystem, str]:
         fs, root = fsspec.core.url_to_fs(self.url, **dict(self.storage_options))
@@ -365,6 +366,8 @@ class CacheIndex:
         # (or if one is huge: such a vector is not served either), and 0 only for all zeros.
         norms = np.einsum("ij,ij->i", matrix, matrix)
         usable = np.isfinite(norms) & (norms > 0)
+        if self.spec.dim is not None and matrix.shape[1] != self.spec.dim:
+            usable[:] = False  # written by a server of another dimension: never served here
         decoded = (_digests(table.column("content_sha256")), matrix, usable)
         with self._lock:
             self._prefetching.pop(number, None)

@@ -44,6 +44,7 @@ from transforms.answer_watch import AnswerWatch
 from transforms.bisection import Refused, RequestCap, bisect, spans
 from transforms.cache import CacheIndex, CacheSpec, close_cache, open_cache
 from transforms.errors import (
+    DimensionChangedError,
     FatalProviderError,
     ProviderError,
     RequestTooLargeError,
@@ -85,6 +86,9 @@ class EmbedSettings:
     progress_interval_s: float | None = 5.0  # None: no progress lines (--quiet)
     cache: CacheSpec | None = None  # where finished vectors are remembered; None: no cache
     workers: int = 1  # processes sharing the job (for this worker's share in the ETA)
+    # The dimension the preflight saw served, when provider.dimensions is not set: every answer
+    # must have it (a server restarted with another model cannot mix dimensions into the run).
+    served_dim: int | None = None
 
 
 @dataclass
@@ -126,6 +130,7 @@ class EmbedSession:
         self.clock = clock
         self.provider: Provider = get_provider_class(settings.provider.kind)(
             settings.provider, clock=clock)
+        self.provider.served_dim = settings.served_dim
         self.limiter = RateLimiter(settings.limits, clock=clock,
                                    max_pause_s=settings.retry.max_wait_s)
         self.worker = f"{socket.gethostname()}:{os.getpid()}"
@@ -242,10 +247,18 @@ class EmbedSession:
             message = self.abort.set(
                 self._redact(f"the provider refused the run: {self._describe(exc)}"))
             return _rejects(chunks, ABORTED, message, 1)
+        except DimensionChangedError as exc:
+            message = self.abort.set(self._redact(
+                f"the server now serves vectors of another dimension: {self._describe(exc)}; "
+                "it changed model mid-run. Set provider.model (and provider.dimensions) to what "
+                "it serves and run again"))
+            return _rejects(chunks, ABORTED, message, self.settings.retry.max_attempts)
         except RetryableError as exc:
             attempts = self.settings.retry.max_attempts
             detail = f"gave up after {attempts} attempts: {self._describe(exc)}"
             return _rejects(chunks, RETRIES_EXHAUSTED, detail, attempts)
+        if self.provider.expected_dim is None:  # the first answer sets the run's dimension
+            self.provider.served_dim = int(result.vectors.shape[1])
         self.watch.observe(result, n_inputs=len(chunks), est_tokens=est_tokens)
         if not result.tokens_estimated and self.limiter.plausible(est_tokens,
                                                                   result.prompt_tokens):

@@ -112,6 +112,11 @@ class MalformedResponseError(RetryableError):
     """The answer cannot be trusted: bad JSON, or vectors that do not match the inputs."""
 
 
+class DimensionChangedError(MalformedResponseError):
+    """Vectors of another dimension than the run's: retried once as any bad answer; if it
+    persists the server now serves another model, and the run is aborted (it cannot mix)."""
+
+
 class InputRejectedError(ProviderError):
     """The provider rejected the content of the request (too long, unsafe, invalid)."""
 

@@ -27,6 +27,7 @@ import httpx
 import numpy as np
 
 from transforms.errors import (
+    DimensionChangedError,
     FatalProviderError,
     InputRejectedError,
     MalformedResponseError,
@@ -99,10 +100,14 @@ class Provider:
 
     # -- configuration ----------------------------------------------------------------------
 
+    #: The dimension the server was seen to serve (the preflight's, or the first answer's),
+    #: when ``provider.dimensions`` is not set; set by the embed session.
+    served_dim: int | None = None
+
     @property
     def expected_dim(self) -> int | None:
         """The dimension every vector must have after :meth:`finalize_vectors`, when known."""
-        return self.cfg.dimensions
+        return self.cfg.dimensions if self.cfg.dimensions is not None else self.served_dim
 
     # -- the request ------------------------------------------------------------------------
 
@@ -482,8 +487,9 @@ def check_vectors(vectors: np.ndarray, n_inputs: int, expected_dim: int | None) 
             f"answer has shape {vectors.shape} for {n_inputs} inputs"
         )
     if expected_dim is not None and vectors.shape[1] != expected_dim:
-        raise MalformedResponseError(
-            f"answer has dimension {vectors.shape[1]}, expected provider.dimensions={expected_dim}"
+        raise DimensionChangedError(
+            f"answer has dimension {vectors.shape[1]}, where this run's vectors have "
+            f"{expected_dim} (provider.dimensions, or what the server served first)"
         )
     if vectors.shape[1] == 0 or not np.isfinite(vectors).all():
         raise MalformedResponseError("answer has empty or non-finite embeddings")
