@@ -27,6 +27,7 @@ from pipeline.exit_codes import EXIT_CONFIG
 from pipeline.local_server import EmbeddingServer
 from pipeline.run import RunRequest, execute
 from transforms.errors import ConfigError
+from transforms.manifest import read_manifest
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_QUERY = "telescope observations of planets and distant galaxies"
@@ -84,8 +85,9 @@ def main(argv: list[str] | None = None) -> int:
     for hit in nearest(args.output, query):
         snippet = " ".join(hit["text"].split())[:90]
         print(f"  {hit['score']:.3f}  {hit['id']:<28} {snippet}")
-    print(f"\nread it: duckdb -c \"select doc_id, count(*) from '{args.output}/vectors/*.parquet' "
-          "group by 1 order by 2 desc limit 5\"")
+    run_id = (read_manifest(args.output) or {}).get("run_id", "RUN_ID")
+    print(f"\nread it: duckdb -c \"select doc_id, count(*) from "
+          f"'{args.output}/vectors/part-{run_id}-*.parquet' group by 1 order by 2 desc limit 5\"")
     return code
 
 
