@@ -219,6 +219,7 @@ def test_file_of_unknown_format_is_rejected_not_skipped(memory_root: str) -> Non
         UNREADABLE_FILE,
         "the file name does not say its format; "
         "set input.format to one of csv, jsonl, parquet, text",
+        f"{memory_root}/data.bin",  # a file's reject carries its URL as id
     )
 
 
@@ -323,6 +324,7 @@ def test_corrupt_gzip_keeps_the_lines_before_it_and_ends_the_file(tmp_path: Path
         f"{path.as_uri()}:{len(good) + 1}",
         UNREADABLE_FILE,
         "EOFError: Compressed file ended before the end-of-stream marker was reached",
+        path.as_uri(),
     )
 
 
