@@ -31,6 +31,7 @@ from transforms.dedup import NO_DUPLICATES, drop_rows, find_duplicates
 from transforms.errors import AccountingError
 from transforms.types import (
     FINGERPRINT_MODULUS,
+    MISSING_FIELD,
     NO_FILES_MATCHED,
     STAGE_EMBED,
     UNREADABLE_FILE,
@@ -47,7 +48,7 @@ STATUS_ABORTED = "aborted"
 MANIFEST_NAME = "manifest.json"
 
 #: Reject reasons that concern a whole input file or pattern rather than one record.
-FILE_LEVEL_REASONS = frozenset({UNREADABLE_FILE, NO_FILES_MATCHED})
+FILE_LEVEL_REASONS = frozenset({UNREADABLE_FILE, NO_FILES_MATCHED, MISSING_FIELD})
 
 
 @dataclass(frozen=True, slots=True)

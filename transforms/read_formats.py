@@ -6,6 +6,7 @@ the reasons for the reading rules are in that module's docstring.
 
 from __future__ import annotations
 
+import codecs
 import csv
 import io
 import itertools
@@ -18,6 +19,8 @@ from typing import Any, Final
 
 import fsspec
 import orjson
+import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from fsspec.core import OpenFile, has_magic, url_to_fs
 from fsspec.spec import AbstractFileSystem
@@ -27,6 +30,7 @@ from transforms.sections import InputConfig
 from transforms.types import (
     INVALID_UTF8,
     MALFORMED_RECORD,
+    MISSING_FIELD,
     STAGE_READ,
     UNREADABLE_FILE,
     FileRange,
@@ -76,7 +80,7 @@ _CSV_FIELD_LIMIT = 2**31 - 1
 
 # UTF-8 that skips a leading byte-order mark, as Excel and Notepad write: left in, it would
 # rename the first CSV column. JSONL lines keep plain UTF-8, decoded per line, where this codec
-# costs ten times more; a marked first line is rejected with a message that says so.
+# costs ten times more: the JSONL reader drops a mark from the file's first line itself.
 _UTF8_SKIPPING_BOM = "utf-8-sig"
 
 _JSON_TYPE_NAMES = {
@@ -321,7 +325,9 @@ def _read_jsonl(
         # large reads, because each read of a compressed file releases the GIL in zlib and may
         # wait up to a switch interval to take it back from the request threads: at 8 KiB a
         # read that was a fifth of a run's wall time.
-        for raw in io.BufferedReader(_OneReadAtATime(_window(f, part)), _READ_BUFFER_BYTES):
+        lines = io.BufferedReader(_OneReadAtATime(_window(f, part)), _READ_BUFFER_BYTES)
+        first = b"" if part.start else lines.readline()
+        for raw in itertools.chain((first.removeprefix(codecs.BOM_UTF8),) if first else (), lines):
             progress.records += 1
             if raw.strip():
                 yield _parse_json_line(raw, url, progress.records, cfg)
@@ -337,7 +343,7 @@ def _parse_json_line(raw: bytes, url: str, line: int, cfg: InputConfig) -> RawRe
     except orjson.JSONDecodeError:
         return _parse_json_line_slowly(raw, url, line, cfg)
     if not isinstance(value, dict) or any(
-            isinstance(value.get(name), _MAYBE_NOT_AS_JSON_READS) for name in _fields_read(cfg)):
+            isinstance(_field(value, name), _MAYBE_NOT_AS_JSON_READS) for name in _fields_read(cfg)):
         return _parse_json_line_slowly(raw, url, line, cfg)
     return _record(url, line, value, cfg)
 
@@ -379,6 +385,11 @@ def _read_csv(
         if header is None:
             header = next(rows, [])
         progress.opened = True
+        missing = [name for name in (cfg.id_field, cfg.text_field) if name not in header]
+        if header and missing:  # one reject for the file, from its first range
+            if not part.start:
+                yield _file_reject(url, MISSING_FIELD, _missing_detail(missing, "column", header, cfg))
+            return
         while True:
             try:
                 row = next(rows)
@@ -442,9 +453,15 @@ def _read_parquet(
     url = part.source.url
     with _open(part.source, cfg) as f:
         parquet = pq.ParquetFile(f)
-        present = set(parquet.schema_arrow.names)
-        # A column the file lacks reads as None, so the validate stage rejects (never drops) rows.
-        columns = [name for name in dict.fromkeys(_fields_read(cfg)) if name in present]
+        schema = parquet.schema_arrow
+        paths = {name: _arrow_path(schema, name) for name in dict.fromkeys(_fields_read(cfg))}
+        problem = _parquet_problem(schema, paths, cfg)
+        if problem is not None:  # one reject for the file, from its first range
+            if not part.start:
+                yield _file_reject(url, MISSING_FIELD, problem)
+            return
+        # A metadata column the file lacks reads as None: metadata is optional.
+        columns = list(dict.fromkeys(path[0] for path in paths.values() if path))
         groups = None if part.end is None else range(part.start, part.end)
         progress.opened = True
         for batch in parquet.iter_batches(
@@ -452,7 +469,8 @@ def _read_parquet(
         ):
             first = progress.records + 1
             progress.records += batch.num_rows
-            values = {name: batch.column(name).to_pylist() for name in columns}
+            values = {name: _column(batch, path).to_pylist()
+                      for name, path in paths.items() if path}
             absent = [None] * batch.num_rows
             for position, doc_id, text, *metadata in zip(
                 range(first, first + batch.num_rows),
@@ -468,6 +486,65 @@ def _read_parquet(
                     text=text,
                     metadata=tuple(zip(cfg.metadata_fields, metadata, strict=True)),
                 )
+
+
+def _arrow_path(schema: pa.Schema, name: str) -> list[str] | None:
+    """The column, then the struct fields, that ``name`` names; None when the file has none.
+
+    A column named ``name`` itself comes first; only then is a dotted name a path into structs.
+    """
+    if name in schema.names:
+        return [name]
+    top, *rest = name.split(".")
+    if not rest or schema.get_field_index(top) < 0:
+        return None
+    kind = schema.field(top).type
+    for part in rest:
+        if not pa.types.is_struct(kind) or kind.get_field_index(part) < 0:
+            return None
+        kind = kind.field(part).type
+    return [top, *rest]
+
+
+def _arrow_type(schema: pa.Schema, path: list[str]) -> pa.DataType:
+    kind = schema.field(path[0]).type
+    for part in path[1:]:
+        kind = kind.field(part).type
+    return kind
+
+
+def _parquet_problem(
+    schema: pa.Schema, paths: Mapping[str, list[str] | None], cfg: InputConfig
+) -> str | None:
+    """Why no row of this file can be a document (a missing id or text, a text not text)."""
+    missing = [name for name in (cfg.id_field, cfg.text_field) if paths[name] is None]
+    if missing:
+        return _missing_detail(missing, "column", schema.names, cfg)
+    text = _arrow_type(schema, paths[cfg.text_field] or [])
+    if isinstance(text, pa.DictionaryType):
+        text = text.value_type
+    if not (pa.types.is_string(text) or pa.types.is_large_string(text)
+            or pa.types.is_string_view(text) or pa.types.is_null(text)):
+        return (f"column {cfg.text_field!r} (input.text_field) is {text}, not a string: "
+                "the file has no text to embed; set input.text_field to its text column")
+    return None
+
+
+def _column(batch: pa.RecordBatch, path: list[str]) -> pa.Array:
+    column = batch.column(path[0])
+    for part in path[1:]:
+        column = pc.struct_field(column, part)
+    return column
+
+
+def _missing_detail(missing: list[str], kind: str, names: Iterable[str], cfg: InputConfig) -> str:
+    """``no column 'text' (input.text_field) in the file; its columns are: id, body``."""
+    wanted = ", ".join(
+        f"{name!r} (input.{'id_field' if name == cfg.id_field else 'text_field'})"
+        for name in missing)
+    shown = list(names)
+    listed = ", ".join(shown[:50]) + (f", ... ({len(shown)} in all)" if len(shown) > 50 else "")
+    return f"no {kind} {wanted} in the file; its {kind}s are: {listed or 'none'}"
 
 
 def _read_text(
@@ -575,10 +652,28 @@ def _record(url: str, position: int, fields: Mapping[str, Any], cfg: InputConfig
     return RawRecord(
         source_url=url,
         position=position,
-        doc_id=fields.get(cfg.id_field),
-        text=fields.get(cfg.text_field),
-        metadata=tuple((name, fields.get(name)) for name in cfg.metadata_fields),
+        doc_id=_field(fields, cfg.id_field),
+        text=_field(fields, cfg.text_field),
+        metadata=tuple((name, _field(fields, name)) for name in cfg.metadata_fields),
     )
+
+
+_ABSENT: Final = object()
+
+
+def _field(fields: Mapping[str, Any], name: str) -> Any:
+    """The value ``name`` names: a key of that name, else a dotted path into nested objects."""
+    value = fields.get(name, _ABSENT)
+    if value is not _ABSENT:
+        return value
+    if "." not in name:
+        return None
+    value = fields
+    for part in name.split("."):
+        if not isinstance(value, dict):
+            return None
+        value = value.get(part)
+    return value
 
 
 def _relative_path(url: str, root: str) -> str:
