@@ -237,3 +237,29 @@ def test_a_pattern_in_an_existing_bucket_that_matches_nothing_is_no_files_matche
         s3_options: dict[str, Any]) -> None:
     [reject] = match("s3://corpus/nothing/*.jsonl", storage_options=s3_options)
     assert reject.reason == "no_files_matched"
+
+
+def test_texts_of_nul_bytes_or_zero_width_characters_are_empty_text(tmp_path: Path) -> None:
+    blank = ["\x00\x00\x00", "\u200b\u200c\u200d", " \u2060\ufeff\x00 ", "\u200b\n\t"]
+    write(tmp_path / "b" / "a.jsonl", jsonl(
+        *({"id": f"b{i}", "text": text} for i, text in enumerate(blank)),
+        {"id": "ok", "text": "\u200bvisible\x00"}))
+    code, _, rejects, vectors = run(tmp_path, [str(tmp_path / "b")])
+    assert sorted((r["id"], r["reason"]) for r in rejects) == [
+        (f"b{i}", "empty_text") for i in range(len(blank))]
+    assert vectors.column("doc_id").to_pylist() == ["ok"] and code == 0
+
+
+def test_ids_equal_once_normalized_are_duplicates_naming_both_sources(tmp_path: Path) -> None:
+    path = write(tmp_path / "i" / "a.jsonl", jsonl(
+        {"id": "padded", "text": "first"}, {"id": " padded ", "text": "second"},
+        {"id": 1, "text": "third"}, {"id": "1", "text": "fourth"}))
+    code, _, rejects, vectors = run(tmp_path, [str(tmp_path / "i")])
+    assert sorted(vectors.column("doc_id").to_pylist()) == ["1", "padded"]
+    by_id = {r["id"]: r for r in rejects}
+    assert set(by_id) == {"1", "padded"} and {r["reason"] for r in rejects} == {"duplicate_id"}
+    for doc_id, (winner, loser) in {"padded": (1, 2), "1": (3, 4)}.items():
+        detail = by_id[doc_id]["detail"]
+        assert by_id[doc_id]["source"] == f"{path.as_uri()}:{loser}"
+        assert f"{path.as_uri()}:{winner}" in detail and f"{path.as_uri()}:{loser}" in detail
+    assert code == 0
