@@ -145,8 +145,8 @@ def plan_lines(plan: dict[str, Any]) -> list[str]:
     reasons = ", ".join(f"{k}={v}" for k, v in plan["rejects_by_reason"].items()) or "none"
     return [
         f"plan for {plan['provider']} {plan['model']} (tokens by {plan['tokenizer']}):",
-        f"  documents  {plan['documents_read']} read, {plan['documents_valid']} valid, "
-        f"{plan['documents_rejected']} rejected; {plan['files_failed']} file(s) failed",
+        (f"  documents  {plan['documents_read']} read, {plan['documents_valid']} valid, "
+         f"{plan['documents_rejected']} rejected; {plan['files_failed']} file(s) failed"),
         f"  rejects    {reasons}",
         f"  chunks     {plan['chunks']}",
         f"  tokens     {plan['tokens']}",

@@ -183,7 +183,7 @@ def test_dotted_text_field_reads_nested_jsonl_and_parquet_fields(tmp_path: Path)
         "id": ["p1", "p2"],
         "doc": pa.array([{"body": "struct text", "n": 1}, {"body": "more", "n": 2}]),
     })))
-    code, manifest, rejects, vectors = run(tmp_path, [str(tmp_path / "n")], text_field="doc.body")
+    code, _, rejects, vectors = run(tmp_path, [str(tmp_path / "n")], text_field="doc.body")
     assert rejects == [] and code == 0
     assert sorted(vectors.column("doc_id").to_pylist()) == ["j1", "j2", "j3", "p1", "p2"]
 

@@ -57,10 +57,10 @@ from transforms.read_formats import (
     UNKNOWN_FORMAT,
     _file_reject,
     _reject,
-    expand_pattern,
     read_range,
     read_records,
 )
+from transforms.read_listing import expand_pattern
 from transforms.read_ranges import _CUTTERS, plan_ranges
 
 __all__ = [
