@@ -23,6 +23,7 @@ from apache_beam.pvalue import AsList, AsSingleton
 from pipeline.config import Config
 from pipeline.graph import batch_caps
 from transforms import tags
+from transforms.manifest import document_counts
 from transforms.pack import PackRequests
 from transforms.read import ReadCorpus
 from transforms.split import SplitChunks
@@ -51,12 +52,14 @@ class _SummarizeFn(beam.DoFn):
         if duplicates:
             by_reason[(STAGE_VALIDATE, DUPLICATE_ID)] += duplicates
         read_rejects = sum(n for (stage, _), n in by_reason.items() if stage == STAGE_READ)
+        rejects_by_reason: Counter[str] = Counter()
+        for (_, reason), n in by_reason.items():
+            rejects_by_reason[reason] += n
         summary = {
-            "records": records,
+            # Counted as the run's manifest counts them: one definition, one count.
+            **document_counts(records, rejects_by_reason, read_rejects, chunk_rejects=0),
             "documents_valid": documents - duplicates,
-            "rejects_by_reason": dict(sorted(Counter(
-                {reason: n for (_, reason), n in by_reason.items()}).items())),
-            "read_rejects": read_rejects,
+            "rejects_by_reason": dict(sorted(rejects_by_reason.items())),
             "chunks": sum(s[0] for s in bundle_stats),
             "tokens": sum(s[1] for s in bundle_stats),
             "requests": len(bundle_stats),
@@ -123,7 +126,6 @@ def make_plan(cfg: Config, beam_args: list[str]) -> dict[str, Any]:
     limits = cfg.limits
     price = cfg.provider.price_per_million_tokens
     plan.update(
-        documents_read=plan["records"] + plan.pop("read_rejects"),
         provider=cfg.provider.kind,
         model=cfg.provider.model,
         tokenizer=cfg.split.tokenizer,
@@ -133,7 +135,6 @@ def make_plan(cfg: Config, beam_args: list[str]) -> dict[str, Any]:
                                       requests / limits.requests_per_minute), 3),
         planning_s=round(time.monotonic() - t0, 3),
     )
-    del plan["records"]
     return plan
 
 
@@ -144,7 +145,8 @@ def plan_lines(plan: dict[str, Any]) -> list[str]:
     reasons = ", ".join(f"{k}={v}" for k, v in plan["rejects_by_reason"].items()) or "none"
     return [
         f"plan for {plan['provider']} {plan['model']} (tokens by {plan['tokenizer']}):",
-        f"  documents  {plan['documents_read']} read, {plan['documents_valid']} valid",
+        (f"  documents  {plan['documents_read']} read, {plan['documents_valid']} valid, "
+         f"{plan['documents_rejected']} rejected; {plan['files_failed']} file(s) failed"),
         f"  rejects    {reasons}",
         f"  chunks     {plan['chunks']}",
         f"  tokens     {plan['tokens']}",

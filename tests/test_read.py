@@ -219,6 +219,7 @@ def test_file_of_unknown_format_is_rejected_not_skipped(memory_root: str) -> Non
         UNREADABLE_FILE,
         "the file name does not say its format; "
         "set input.format to one of csv, jsonl, parquet, text",
+        f"{memory_root}/data.bin",  # a file's reject carries its URL as id
     )
 
 
@@ -323,6 +324,7 @@ def test_corrupt_gzip_keeps_the_lines_before_it_and_ends_the_file(tmp_path: Path
         f"{path.as_uri()}:{len(good) + 1}",
         UNREADABLE_FILE,
         "EOFError: Compressed file ended before the end-of-stream marker was reached",
+        path.as_uri(),
     )
 
 
@@ -459,12 +461,14 @@ def test_parquet_rows_are_numbered_across_batches(memory_root: str) -> None:
 
 
 def test_parquet_missing_column_reads_as_none_so_no_row_is_dropped(tmp_path: Path) -> None:
-    path = write(tmp_path / "a.pq", parquet(pa.table({"body": ["a", "b", "c"]})))
+    # A missing metadata column reads as None; a missing id or text column is one reject for
+    # the file (issue 11 item 10, tests/test_read_accounting.py), not a reject per row.
+    path = write(tmp_path / "a.pq", parquet(pa.table({"id": [1, 2, 3], "text": ["a", "b", "c"]})))
 
     items = read_all(path, metadata_fields=["lang"])
 
     assert items == [
-        RawRecord(path.as_uri(), i, None, None, (("lang", None),)) for i in (1, 2, 3)
+        RawRecord(path.as_uri(), i, i, t, (("lang", None),)) for i, t in ((1, "a"), (2, "b"), (3, "c"))
     ]
 
 
@@ -577,7 +581,8 @@ def test_read_corpus_reads_a_list_of_patterns_in_a_pipeline(tmp_path: Path) -> N
 def test_reads_from_s3(s3_options: dict[str, Any]) -> None:
     s3 = boto3.client("s3", endpoint_url=s3_options["client_kwargs"]["endpoint_url"])
     s3.put_object(Bucket="corpus", Key="2024/a.jsonl.gz", Body=gzip.compress(jsonl({"id": 1})))
-    s3.put_object(Bucket="corpus", Key="2024/b.parquet", Body=parquet(pa.table({"id": [2]})))
+    s3.put_object(Bucket="corpus", Key="2024/b.parquet",
+                  Body=parquet(pa.table({"id": [2], "text": ["b"]})))
     s3.put_object(Bucket="corpus", Key="2024/sub/c.txt", Body=b"hello")
     s3.put_object(Bucket="corpus", Key="2024/folder/", Body=b"")  # a console-made "folder"
 
@@ -586,8 +591,8 @@ def test_reads_from_s3(s3_options: dict[str, Any]) -> None:
 
     assert by_directory == [
         RawRecord("s3://corpus/2024/a.jsonl.gz", 1, 1, None),
-        RawRecord("s3://corpus/2024/b.parquet", 1, 2, None),
+        RawRecord("s3://corpus/2024/b.parquet", 1, 2, "b"),
         RawRecord("s3://corpus/2024/sub/c.txt", None, "sub/c.txt", "hello"),
     ]
-    assert by_glob == [RawRecord("s3://corpus/2024/b.parquet", 1, 2, None)]
+    assert by_glob == [RawRecord("s3://corpus/2024/b.parquet", 1, 2, "b")]
 

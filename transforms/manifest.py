@@ -19,7 +19,7 @@ import datetime as dt
 import json
 import logging
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,8 +31,10 @@ from transforms.dedup import NO_DUPLICATES, drop_rows, find_duplicates
 from transforms.errors import AccountingError
 from transforms.types import (
     FINGERPRINT_MODULUS,
+    MISSING_FIELD,
     NO_FILES_MATCHED,
     STAGE_EMBED,
+    STAGE_READ,
     UNREADABLE_FILE,
     WrittenFile,
 )
@@ -47,7 +49,7 @@ STATUS_ABORTED = "aborted"
 MANIFEST_NAME = "manifest.json"
 
 #: Reject reasons that concern a whole input file or pattern rather than one record.
-FILE_LEVEL_REASONS = frozenset({UNREADABLE_FILE, NO_FILES_MATCHED})
+FILE_LEVEL_REASONS = frozenset({UNREADABLE_FILE, NO_FILES_MATCHED, MISSING_FIELD})
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,9 +90,9 @@ def build_manifest(
     rejects = totals.get("rejects", Counter())
     usage = totals.get("usage", Counter())
     by_reason = {k.split(":", 1)[1]: v for k, v in rejects.items() if k.startswith("reason:")}
-    file_level = sum(v for r, v in by_reason.items() if r in FILE_LEVEL_REASONS)
     chunks_failed = rejects.get(f"stage:{STAGE_EMBED}", 0)
-    record_rejects = rows["rejects"] - chunks_failed - file_level
+    documents = document_counts(records_read, by_reason, rejects.get(f"stage:{STAGE_READ}", 0),
+                                 chunks_failed)
     dims = sorted(int(k.split(":", 1)[1]) for k in totals.get("vectors", Counter()) if k.startswith("dim:"))
     # The model(s) the answers named: one name, a sorted list when they differ, None if none did.
     served = sorted(k.split(":", 1)[1] for k in usage if k.startswith("served_model:"))
@@ -105,11 +107,10 @@ def build_manifest(
         "dimensions": dims[0] if len(dims) == 1 else (dims or run.dimensions),
         "error": fatal[0] if fatal else None,
         "counts": {
-            # Every record seen: the valid ones plus those rejected while reading or validating.
-            "documents_read": records_read + rejects.get("stage:read", 0) - file_level,
-            "documents_rejected": record_rejects,
+            "documents_read": documents["documents_read"],
+            "documents_rejected": documents["documents_rejected"],
             "documents_valid": documents_valid,
-            "files_failed": file_level,
+            "files_failed": documents["files_failed"],
             "chunks": chunks,
             "chunks_embedded": rows["vectors"],
             "chunks_failed": chunks_failed,
@@ -125,6 +126,23 @@ def build_manifest(
         "cache": cache or {"enabled": False},
         "config": json.loads(run.config),
         "files": [{"kind": f.kind, "path": f.path, "rows": f.rows} for f in files],
+    }
+
+
+def document_counts(records_read: int, rejects_by_reason: Mapping[str, int], read_rejects: int,
+                    chunk_rejects: int) -> dict[str, int]:
+    """``documents_read``, ``documents_rejected`` and ``files_failed``, from the reject counts.
+
+    The one definition that ``run`` (its manifest) and ``plan`` both use, so that they count the
+    same input alike. A document read is every record seen: the valid ones plus those rejected
+    while reading or validating. A file-level reject (a file or pattern that failed, in whole or
+    from some line on) is a failed file, not a document; a chunk reject is neither.
+    """
+    file_level = sum(n for reason, n in rejects_by_reason.items() if reason in FILE_LEVEL_REASONS)
+    return {
+        "documents_read": records_read + read_rejects - file_level,
+        "documents_rejected": sum(rejects_by_reason.values()) - chunk_rejects - file_level,
+        "files_failed": file_level,
     }
 
 

@@ -55,11 +55,12 @@ from transforms.errors import InputError
 from transforms.read_formats import (
     RANGE_BYTES,
     UNKNOWN_FORMAT,
+    _file_reject,
     _reject,
-    expand_pattern,
     read_range,
     read_records,
 )
+from transforms.read_listing import expand_pattern
 from transforms.read_ranges import _CUTTERS, plan_ranges
 
 __all__ = [
@@ -99,7 +100,7 @@ class MatchFilesFn(beam.DoFn):
         try:
             files = expand_pattern(pattern, self._cfg.storage_options, self._cfg.format)
         except InputError as exc:
-            yield TaggedOutput(tags.REJECTS, _reject(pattern, UNREADABLE_FILE, str(exc)))
+            yield TaggedOutput(tags.REJECTS, _file_reject(pattern, UNREADABLE_FILE, str(exc)))
             return
         if not files:
             yield TaggedOutput(
@@ -110,7 +111,8 @@ class MatchFilesFn(beam.DoFn):
                     "no file matches this pattern; check input.path and input.storage_options",
                 ),
             )
-        yield from files
+        for item in files:
+            yield TaggedOutput(tags.REJECTS, item) if isinstance(item, Reject) else item
 
 
 class PlanRangesFn(beam.DoFn):

@@ -1,11 +1,13 @@
-"""How each input format becomes records: listing, opening, JSONL, CSV, Parquet and text readers.
+"""How each input format becomes records: opening, JSONL, CSV, Parquet and text readers.
 
 Split from :mod:`transforms.read` (the stage and its DoFns) so that each module reads in one sitting;
-the reasons for the reading rules are in that module's docstring.
+the reasons for the reading rules are in that module's docstring. Listing is in
+:mod:`transforms.read_listing`.
 """
 
 from __future__ import annotations
 
+import codecs
 import csv
 import io
 import itertools
@@ -17,15 +19,17 @@ from typing import Any, Final
 
 import fsspec
 import orjson
+import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
-from fsspec.core import OpenFile, has_magic, url_to_fs
-from fsspec.spec import AbstractFileSystem
+from fsspec.core import OpenFile
 
-from transforms.errors import InputError, redact
+from transforms.errors import redact
 from transforms.sections import InputConfig
 from transforms.types import (
     INVALID_UTF8,
     MALFORMED_RECORD,
+    MISSING_FIELD,
     STAGE_READ,
     UNREADABLE_FILE,
     FileRange,
@@ -75,7 +79,7 @@ _CSV_FIELD_LIMIT = 2**31 - 1
 
 # UTF-8 that skips a leading byte-order mark, as Excel and Notepad write: left in, it would
 # rename the first CSV column. JSONL lines keep plain UTF-8, decoded per line, where this codec
-# costs ten times more; a marked first line is rejected with a message that says so.
+# costs ten times more: the JSONL reader drops a mark from the file's first line itself.
 _UTF8_SKIPPING_BOM = "utf-8-sig"
 
 _JSON_TYPE_NAMES = {
@@ -86,77 +90,6 @@ _JSON_TYPE_NAMES = {
     bool: "boolean",
     type(None): "null",
 }
-
-
-# --- Listing -----------------------------------------------------------------------------------
-
-
-def expand_pattern(
-    pattern: str, storage_options: Mapping[str, Any], fmt: str
-) -> list[SourceFile]:
-    """The files one ``input.path`` entry names, sorted by URL so that every run sees one order.
-
-    A glob (``*``, ``?``, ``[``) names the files it matches, a directory every file below it at
-    any depth, anything else the one file. Directories, and the empty "folder" objects that
-    object stores keep, are not files. ``fmt`` is ``input.format``: with ``auto`` each file's
-    format comes from its extension once a compression suffix is removed, and a file it cannot
-    place gets :data:`UNKNOWN_FORMAT`.
-
-    An empty list means that nothing matched; the caller decides what that means. A listing that
-    fails (no such bucket, no permission, unknown protocol) raises :class:`InputError`.
-
-    Example::
-
-        expand_pattern("s3://corpus/2024/**/*.jsonl.gz", {"anon": True}, "auto")
-    """
-    try:
-        fs, path = url_to_fs(pattern, **storage_options)
-        root, entries = _list(fs, path)
-        return sorted(
-            (
-                SourceFile(
-                    url=fs.unstrip_protocol(entry["name"]),
-                    root=fs.unstrip_protocol(root),
-                    format=fmt if fmt != "auto" else _infer_format(entry["name"]),
-                    size=int(entry.get("size") or 0),
-                )
-                for entry in entries
-                if _is_file(entry)
-            ),
-            key=lambda source: source.url,
-        )
-    # Backends raise OSError, their client's own errors, ValueError for an unknown protocol or
-    # ImportError for a missing package: translate them all, once, here.
-    except Exception as exc:
-        raise InputError(f"cannot list {pattern}: {_describe(exc, storage_options)}") from exc
-
-
-def _list(fs: AbstractFileSystem, path: str) -> tuple[str, Iterable[dict[str, Any]]]:
-    """The root that text-document ids are relative to, and the entries ``path`` names."""
-    if has_magic(path):
-        literal = itertools.takewhile(lambda part: not has_magic(part), path.split("/"))
-        return "/".join(literal) or fs.root_marker, fs.glob(path, detail=True).values()
-    try:
-        entry = fs.info(path)
-    except FileNotFoundError:
-        return posixpath.dirname(path), []
-    if entry["type"] == "directory":
-        return path, fs.find(path, detail=True).values()
-    return posixpath.dirname(path), [entry]
-
-
-def _is_file(entry: Mapping[str, Any]) -> bool:
-    # Object stores list "folder/" placeholder keys as files; no real file name ends with "/".
-    return entry["type"] == "file" and not entry["name"].endswith("/")
-
-
-def _infer_format(path: str) -> str:
-    stem, extension = posixpath.splitext(path.lower())
-    compressed = extension in _CODEC_BY_SUFFIX
-    if compressed:
-        extension = posixpath.splitext(stem)[1]
-    fmt = _FORMAT_BY_EXTENSION.get(extension, UNKNOWN_FORMAT)
-    return UNKNOWN_FORMAT if compressed and fmt not in _STREAMED_FORMATS else fmt
 
 
 # --- Reading -----------------------------------------------------------------------------------
@@ -204,7 +137,7 @@ def read_range(part: FileRange, cfg: InputConfig) -> Iterator[RawRecord | Reject
     source = part.source
     reader = _READERS.get(source.format)
     if reader is None:
-        yield _reject(
+        yield _file_reject(
             source.url,
             UNREADABLE_FILE,
             "the file name does not say its format; set input.format to one of "
@@ -215,10 +148,8 @@ def read_range(part: FileRange, cfg: InputConfig) -> Iterator[RawRecord | Reject
     try:
         yield from reader(part, cfg, progress)
     except Exception as exc:  # noqa: BLE001 - whatever breaks one file is that file's reject
-        yield _reject(
-            format_source(source.url, progress.failed_at),
-            UNREADABLE_FILE,
-            _describe(exc, cfg.storage_options),
+        yield _file_reject(
+            source.url, UNREADABLE_FILE, _describe(exc, cfg.storage_options), progress.failed_at
         )
 
 
@@ -232,7 +163,9 @@ def _read_jsonl(
         # large reads, because each read of a compressed file releases the GIL in zlib and may
         # wait up to a switch interval to take it back from the request threads: at 8 KiB a
         # read that was a fifth of a run's wall time.
-        for raw in io.BufferedReader(_OneReadAtATime(_window(f, part)), _READ_BUFFER_BYTES):
+        lines = io.BufferedReader(_OneReadAtATime(_window(f, part)), _READ_BUFFER_BYTES)
+        first = b"" if part.start else lines.readline()
+        for raw in itertools.chain((first.removeprefix(codecs.BOM_UTF8),) if first else (), lines):
             progress.records += 1
             if raw.strip():
                 yield _parse_json_line(raw, url, progress.records, cfg)
@@ -248,7 +181,7 @@ def _parse_json_line(raw: bytes, url: str, line: int, cfg: InputConfig) -> RawRe
     except orjson.JSONDecodeError:
         return _parse_json_line_slowly(raw, url, line, cfg)
     if not isinstance(value, dict) or any(
-            isinstance(value.get(name), _MAYBE_NOT_AS_JSON_READS) for name in _fields_read(cfg)):
+            isinstance(_field(value, name), _MAYBE_NOT_AS_JSON_READS) for name in _fields_read(cfg)):
         return _parse_json_line_slowly(raw, url, line, cfg)
     return _record(url, line, value, cfg)
 
@@ -290,6 +223,11 @@ def _read_csv(
         if header is None:
             header = next(rows, [])
         progress.opened = True
+        missing = [name for name in (cfg.id_field, cfg.text_field) if name not in header]
+        if header and missing:  # one reject for the file, from its first range
+            if not part.start:
+                yield _file_reject(url, MISSING_FIELD, _missing_detail(missing, "column", header, cfg))
+            return
         while True:
             try:
                 row = next(rows)
@@ -353,9 +291,15 @@ def _read_parquet(
     url = part.source.url
     with _open(part.source, cfg) as f:
         parquet = pq.ParquetFile(f)
-        present = set(parquet.schema_arrow.names)
-        # A column the file lacks reads as None, so the validate stage rejects (never drops) rows.
-        columns = [name for name in dict.fromkeys(_fields_read(cfg)) if name in present]
+        schema = parquet.schema_arrow
+        paths = {name: _arrow_path(schema, name) for name in dict.fromkeys(_fields_read(cfg))}
+        problem = _parquet_problem(schema, paths, cfg)
+        if problem is not None:  # one reject for the file, from its first range
+            if not part.start:
+                yield _file_reject(url, MISSING_FIELD, problem)
+            return
+        # A metadata column the file lacks reads as None: metadata is optional.
+        columns = list(dict.fromkeys(path[0] for path in paths.values() if path))
         groups = None if part.end is None else range(part.start, part.end)
         progress.opened = True
         for batch in parquet.iter_batches(
@@ -363,7 +307,8 @@ def _read_parquet(
         ):
             first = progress.records + 1
             progress.records += batch.num_rows
-            values = {name: batch.column(name).to_pylist() for name in columns}
+            values = {name: _column(batch, path).to_pylist()
+                      for name, path in paths.items() if path}
             absent = [None] * batch.num_rows
             for position, doc_id, text, *metadata in zip(
                 range(first, first + batch.num_rows),
@@ -379,6 +324,65 @@ def _read_parquet(
                     text=text,
                     metadata=tuple(zip(cfg.metadata_fields, metadata, strict=True)),
                 )
+
+
+def _arrow_path(schema: pa.Schema, name: str) -> list[str] | None:
+    """The column, then the struct fields, that ``name`` names; None when the file has none.
+
+    A column named ``name`` itself comes first; only then is a dotted name a path into structs.
+    """
+    if name in schema.names:
+        return [name]
+    top, *rest = name.split(".")
+    if not rest or schema.get_field_index(top) < 0:
+        return None
+    kind = schema.field(top).type
+    for part in rest:
+        if not pa.types.is_struct(kind) or kind.get_field_index(part) < 0:
+            return None
+        kind = kind.field(part).type
+    return [top, *rest]
+
+
+def _arrow_type(schema: pa.Schema, path: list[str]) -> pa.DataType:
+    kind = schema.field(path[0]).type
+    for part in path[1:]:
+        kind = kind.field(part).type
+    return kind
+
+
+def _parquet_problem(
+    schema: pa.Schema, paths: Mapping[str, list[str] | None], cfg: InputConfig
+) -> str | None:
+    """Why no row of this file can be a document (a missing id or text, a text not text)."""
+    missing = [name for name in (cfg.id_field, cfg.text_field) if paths[name] is None]
+    if missing:
+        return _missing_detail(missing, "column", schema.names, cfg)
+    text = _arrow_type(schema, paths[cfg.text_field] or [])
+    if isinstance(text, pa.DictionaryType):
+        text = text.value_type
+    if not (pa.types.is_string(text) or pa.types.is_large_string(text)
+            or pa.types.is_string_view(text) or pa.types.is_null(text)):
+        return (f"column {cfg.text_field!r} (input.text_field) is {text}, not a string: "
+                "the file has no text to embed; set input.text_field to its text column")
+    return None
+
+
+def _column(batch: pa.RecordBatch, path: list[str]) -> pa.Array:
+    column = batch.column(path[0])
+    for part in path[1:]:
+        column = pc.struct_field(column, part)
+    return column
+
+
+def _missing_detail(missing: list[str], kind: str, names: Iterable[str], cfg: InputConfig) -> str:
+    """``no column 'text' (input.text_field) in the file; its columns are: id, body``."""
+    wanted = ", ".join(
+        f"{name!r} (input.{'id_field' if name == cfg.id_field else 'text_field'})"
+        for name in missing)
+    shown = list(names)
+    listed = ", ".join(shown[:50]) + (f", ... ({len(shown)} in all)" if len(shown) > 50 else "")
+    return f"no {kind} {wanted} in the file; its {kind}s are: {listed or 'none'}"
 
 
 def _read_text(
@@ -486,10 +490,28 @@ def _record(url: str, position: int, fields: Mapping[str, Any], cfg: InputConfig
     return RawRecord(
         source_url=url,
         position=position,
-        doc_id=fields.get(cfg.id_field),
-        text=fields.get(cfg.text_field),
-        metadata=tuple((name, fields.get(name)) for name in cfg.metadata_fields),
+        doc_id=_field(fields, cfg.id_field),
+        text=_field(fields, cfg.text_field),
+        metadata=tuple((name, _field(fields, name)) for name in cfg.metadata_fields),
     )
+
+
+_ABSENT: Final = object()
+
+
+def _field(fields: Mapping[str, Any], name: str) -> Any:
+    """The value ``name`` names: a key of that name, else a dotted path into nested objects."""
+    value = fields.get(name, _ABSENT)
+    if value is not _ABSENT:
+        return value
+    if "." not in name:
+        return None
+    value = fields
+    for part in name.split("."):
+        if not isinstance(value, dict):
+            return None
+        value = value.get(part)
+    return value
 
 
 def _relative_path(url: str, root: str) -> str:
@@ -511,6 +533,14 @@ def _has_undecodable(value: str | None) -> bool:
 def _shown_id(value: str | None) -> str | None:
     """A record id fit for a reject row: non-empty and encodable, else None."""
     return value if value and not _has_undecodable(value) else None
+
+
+def _file_reject(url: str, reason: str, detail: str, position: int | None = None) -> Reject:
+    """A reject of a whole file (or of its rest, from ``position``): the URL is its id.
+
+    Such a reject has no record id, and readers that select rejects by id must still find it.
+    """
+    return _reject(format_source(url, position), reason, detail, url)
 
 
 def _reject(source: str, reason: str, detail: str, record_id: str | None = None) -> Reject:

@@ -20,8 +20,8 @@ from transforms.read_formats import (
     RANGE_BYTES,
     _codec,
     _describe,
+    _file_reject,
     _open,
-    _reject,
 )
 from transforms.sections import InputConfig
 from transforms.types import (
@@ -76,7 +76,7 @@ def plan_ranges(
     except Exception as exc:  # noqa: BLE001 - whatever breaks one file is that file's reject
         if scan.opened:
             return [FileRange(source)]
-        return [_reject(source.url, UNREADABLE_FILE, _describe(exc, cfg.storage_options))]
+        return [_file_reject(source.url, UNREADABLE_FILE, _describe(exc, cfg.storage_options))]
     return _tile(source, cuts, scan.end)
 
 

@@ -54,8 +54,12 @@ from transforms.types import (
 def normalize_id(value: object) -> str | None:
     """An id as a string: strings are stripped, integers formatted; anything else is missing.
 
-    Floats and booleans are refused rather than formatted: ``1.0`` vs ``1`` or ``True`` are the
-    kind of silent coercion that later makes two documents share an id.
+    Stripped because ids typed or exported by hand carry stray spaces (``"1, text"`` in a CSV)
+    that no reader of the output expects; formatted because the output's id column is a string.
+    So ``" padded "`` is ``"padded"`` and ``1`` is ``"1"``: two records whose ids meet here
+    are duplicates, and the later one is a ``duplicate_id`` reject naming both sources, never a
+    silent overwrite. Floats and booleans are refused rather than formatted: ``1.0`` vs ``1`` or
+    ``True`` are the kind of silent coercion that later makes two documents share an id.
     """
     if isinstance(value, str):
         value = value.strip()
@@ -86,8 +90,9 @@ def validate_record(record: RawRecord, max_document_bytes: int) -> Document | Re
         return reject(EMPTY_TEXT, "text is null or absent")
     if not isinstance(text, str):
         return reject(NOT_TEXT, f"text is a {type(text).__name__}, not a string")
-    if not text.strip():
-        return reject(EMPTY_TEXT, "text is empty or whitespace only")
+    if not text.strip() or (text[0] in _BLANK and not text.strip(_BLANK)):
+        return reject(EMPTY_TEXT, "text is empty, or only whitespace, NUL, control or zero-width "
+                                  "characters")
     try:
         size = len(text) if text.isascii() else len(text.encode("utf-8"))
     except UnicodeEncodeError as exc:
@@ -102,6 +107,19 @@ def validate_record(record: RawRecord, max_document_bytes: int) -> Document | Re
                     position=record.position, metadata=record.metadata)
 
 
+#: What a text made only of is no text: whitespace (all that ``str.strip`` removes, none past
+#: U+3000), control characters (NUL above all) and the zero-width or invisible format
+#: characters. Checked only when a text starts with one, so that the usual text costs nothing.
+_BLANK = "".join(
+    [chr(c) for c in range(0x3001) if chr(c).isspace()] + [chr(c) for c in range(0x20)]
+    + ["\x7f", "\u00ad", "\u180e", "\u200b", "\u200c", "\u200d", "\u2060", "\ufeff"])
+
+
+def duplicate_detail(earlier: str, later: str, why: str) -> str:
+    """A ``duplicate_id`` reject's detail: both sources, so that either can be found."""
+    return f"id at {later} also at {earlier}, {why}"
+
+
 _Version = TypeVar("_Version", Document, DocumentId)
 
 
@@ -112,7 +130,8 @@ def pick_winner(versions: Iterable[_Version]) -> tuple[_Version, list[Reject]]:
     winner = ordered[0]
     rejects = [
         Reject(id=d.doc_id, doc_id=d.doc_id, source=d.source, stage=STAGE_VALIDATE,
-               reason=DUPLICATE_ID, detail=f"id also at {winner.source}, which is the one embedded")
+               reason=DUPLICATE_ID,
+               detail=duplicate_detail(winner.source, d.source, "which is the one embedded"))
         for d in ordered[1:]
     ]
     return winner, rejects
@@ -177,7 +196,8 @@ class SeenIds:
             if earlier is not None:
                 out.append(Reject(id=doc.doc_id, doc_id=doc.doc_id, source=doc.source,
                                   stage=STAGE_VALIDATE, reason=DUPLICATE_ID,
-                                  detail=f"id also at {earlier}, which was read earlier"))
+                                  detail=duplicate_detail(earlier, doc.source,
+                                                          "which was read earlier")))
                 continue
             if twin is None or doc.sort_key < twin.sort_key:
                 first_in_batch[(int(high[i]), int(low[i]))] = doc
