@@ -18,8 +18,10 @@ code  name                     meaning — and what to do
                                cache).
 1     ``EXIT_PROBLEMS``        ``verify``: the output has problems, printed one per line. Do not
                                use it; run the job again with ``--overwrite`` or into a new path.
-2     ``EXIT_CONFIG``          bad arguments or config, found before any API call; the message
-                               names the key, file or variable at fault. Fix it and run again.
+2     ``EXIT_CONFIG``          bad arguments or config, or storage that cannot be used (a missing
+                               filesystem package, an output or cache that cannot be written),
+                               found before any API call; the message names the key, file or
+                               variable at fault. Fix it and run again.
 3     ``EXIT_FATAL_PROVIDER``  aborted by a fatal provider answer (bad key, no access, no quota,
                                unknown model, unreachable ``base_url``); work already committed is
                                kept and the manifest says ``aborted`` and why. Fix the key, model,

@@ -16,6 +16,7 @@ from pipeline.exit_codes import EXIT_CONFIG, EXIT_OK
 from pipeline.local_base import LoopbackServer
 from pipeline.local_model import DEFAULT_DIM, DEFAULT_MODEL
 from pipeline.local_openai import EmbeddingServer
+from transforms.providers.config import looks_like_a_key
 
 __all__ = ["DEFAULT_CLI_PORT", "serve_local_main", "serve_until_interrupted"]
 
@@ -44,6 +45,13 @@ def serve_local_main(argv: list[str] | None = None) -> int:
     if args.dim < 1:
         parser.error(f"--dim must be at least 1, got {args.dim}")
     api_key = None
+    if args.api_key_env and looks_like_a_key(args.api_key_env):
+        # The usual mistake is the key itself: never repeat it (it would reach logs and CI).
+        print("embedpipe serve-local: --api-key-env must be the NAME of the environment "
+              "variable that holds the key, not the key itself; the value given looks like a "
+              "key and is not repeated here. Export the key in a variable and give that "
+              "variable's name", file=sys.stderr)
+        return EXIT_CONFIG
     if args.api_key_env:
         api_key = os.environ.get(args.api_key_env)
         if not api_key:

@@ -110,8 +110,10 @@ def build_plan_pipeline(p: beam.Pipeline, cfg: Config, summary_path: str) -> Non
 
 def make_plan(cfg: Config, beam_args: list[str]) -> dict[str, Any]:
     """Run the planning pipeline and return its figures (plus cost and ideal time)."""
+    from pipeline.checks import check_filesystems, input_locations
     from pipeline.run import beam_options
 
+    check_filesystems(input_locations(cfg))  # s3:// without s3fs: exit 2 naming the extra
     handle, path = tempfile.mkstemp(prefix="embedpipe-plan-", suffix=".json")
     os.close(handle)
     t0 = time.monotonic()

@@ -32,6 +32,7 @@ from apache_beam.options.pipeline_options import (
     WorkerOptions,
 )
 
+from pipeline.checks import check_storage
 from pipeline.config import Config
 from pipeline.exit_codes import EXIT_CRASHED, EXIT_FAILED_CHUNKS, EXIT_FATAL_PROVIDER, EXIT_OK
 from pipeline.graph import RunContext, build_pipeline, embed_settings, output_spec, run_info
@@ -216,6 +217,7 @@ def execute(
             "there (or set provider.api_key_env: null for a server without authentication)",
             key="provider.api_key_env",
         )
+    check_storage(cfg)  # before the lease, the preflight or any read: exit 2, not a traceback
     ctx = RunContext(
         run_id=f"{dt.datetime.now(dt.timezone.utc):%Y%m%dT%H%M%SZ}-{uuid.uuid4().hex[:8]}",
         started_at=utc_now(),

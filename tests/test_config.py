@@ -61,6 +61,27 @@ def test_public_dict_redacts_storage_secrets() -> None:
     assert "http://127.0.0.1:9" in dumped
 
 
+@pytest.mark.parametrize("workers", [0, -3, "0", "-3", "many", 2.5, True])
+def test_workers_must_be_positive_or_auto(workers: object) -> None:
+    with pytest.raises(ConfigError, match=r"limits\.workers") as refused:
+        parse_config({**BASE, "limits": {"workers": workers}})
+    assert "1 or more" in str(refused.value)
+    assert parse_config({**BASE, "limits": {"workers": 3}}).limits.workers == 3
+    assert parse_config({**BASE, "limits": {"workers": "auto"}}).limits.workers == "auto"
+
+
+def test_workers_of_minus_three_is_exit_2_naming_the_key(
+        tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from pipeline.cli import main
+
+    config = tmp_path / "config.yaml"
+    config.write_text("input:\n  path: data/*.jsonl\n")
+    assert main(["run", "--config", str(config), "--set", "limits.workers=-3",
+                 "--output", str(tmp_path / "out")]) == 2
+    assert "limits.workers" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.parametrize("path", sorted((Path(__file__).parents[1] / "configs").glob("*.yaml")),
                          ids=lambda p: p.name)
 def test_shipped_configs_are_valid(path: Path) -> None:

@@ -7,7 +7,11 @@ an S3 output, gateway headers, the API key), a real run writes its output and ca
 
 from __future__ import annotations
 
+import json
 import logging
+import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +19,7 @@ import boto3
 import pytest
 
 from pipeline.config import Config, parse_config, redact_options
-from pipeline.local_server import EmbeddingServer
+from pipeline.local_server import EmbeddingServer, serve_local_main
 from pipeline.run import RunRequest, execute
 from tests.support.corpus import corpus_patterns, write_corpus
 from tests.support.harness import make_config
@@ -65,6 +69,43 @@ def test_no_planted_secret_reaches_a_file_or_the_log(
     assert '"X-Gateway-Key": "[REDACTED]"' in manifest  # the header's name is kept
 
 
+def test_no_planted_secret_reaches_a_local_output_its_cache_or_the_command_log(
+        tmp_path: Path, embedding_server: EmbeddingServer) -> None:
+    """The same with a local output and cache, run by the real command line: every file under
+    the run's folder (output, cache beside it, corpus) and its stdout and stderr are scanned.
+    The local filesystem takes any storage option, so nested ones reach fsspec as given."""
+    secrets = {name: f"local-{value}" for name, value in SECRETS.items()}
+    work = tmp_path / "work"
+    root = str(work / "corpus")
+    write_corpus(root)
+    input_options = {"client_kwargs": {"aws_session_token": secrets["input_nested"]},
+                     "token": secrets["input_token"]}
+    output_options = {"client_kwargs": {"aws_secret_access_key": secrets["output_secret_key"]},
+                      "config_kwargs": {"proxies": {"password": secrets["output_password"]}}}
+    cfg = make_config(corpus_patterns(root), str(work / "out"), embedding_server.base_url,
+                      storage_options=input_options, output={"storage_options": output_options},
+                      provider={"extra_headers": {"X-Gateway-Key": secrets["header"]}})
+    config = tmp_path / "config.json"  # the user's own file holds the secrets: not scanned
+    config.write_text(json.dumps(cfg.model_dump(by_alias=True, mode="json")))
+    proc = subprocess.run([sys.executable, "-m", "pipeline", "run", "--config", str(config)],
+                          capture_output=True, timeout=300, check=False,
+                          cwd=Path(__file__).parents[1], env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+    files = {str(p): p.read_bytes() for p in work.rglob("*") if p.is_file()}
+    assert str(work / "out" / "manifest.json") in files
+    assert any("/.embedpipe-cache/" in name for name in files)  # the cache was written and seen
+    files.update({"stdout": proc.stdout, "stderr": proc.stderr})
+    for where, data in files.items():
+        for name, secret in secrets.items():
+            assert secret.encode() not in data, f"{name} found in {where}"
+    manifest = json.loads(files[str(work / "out" / "manifest.json")])["config"]
+    assert manifest["provider"]["extra_headers"] == {"X-Gateway-Key": "[REDACTED]"}
+    assert manifest["output"]["storage_options"]["client_kwargs"] == {
+        "aws_secret_access_key": "[REDACTED]"}
+    assert embedding_server.stats.requests > 0
+
+
 def test_redaction_reaches_any_depth_and_keeps_names() -> None:
     options = {"anon": False, "client_kwargs": {"endpoint_url": "http://h", "region_name": "r",
                                                 "aws_secret_access_key": "s"},
@@ -105,3 +146,12 @@ def test_variable_names_are_accepted(name: str) -> None:
     cfg = parse_config({"input": {"path": "x.jsonl"},
                         "provider": {"kind": "openai", "api_key_env": name}})
     assert cfg.provider.api_key_env == name
+
+
+def test_serve_local_refuses_a_key_in_place_of_its_variable_name_without_showing_it(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    key = "sk-proj-abcdef0123456789ABCDEF"
+    assert serve_local_main(["--port", "0", "--api-key-env", key]) == 2
+    err = capsys.readouterr().err
+    assert key not in err and key[:12] not in err
+    assert "--api-key-env" in err and "not the key" in err

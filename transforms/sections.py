@@ -90,6 +90,20 @@ class LimitsConfig(_Section):
     # Worker processes sharing the budget: "auto" derives it from the Beam options.
     workers: int | Literal["auto"] = "auto"
 
+    @field_validator("workers", mode="before")
+    @classmethod
+    def _workers_above_zero(cls, v: Any) -> Any:
+        # Each worker takes 1/workers of the budget: 0 would divide by zero and a negative count
+        # would give a negative rate. One message for every wrong shape, not pydantic's two.
+        if v == "auto":
+            return v
+        if isinstance(v, str) and v.strip().lstrip("-").isdigit():
+            v = int(v)  # from --set limits.workers=3
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError(f"must be a whole number of worker processes, 1 or more, or 'auto'; "
+                             f"got {v!r}")
+        return v
+
 
 class RetryConfig(_Section):
     max_attempts: int = Field(8, gt=0)
