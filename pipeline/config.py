@@ -19,6 +19,7 @@ import copy
 import re
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import yaml
 from pydantic import ConfigDict, Field, ValidationError
@@ -71,8 +72,9 @@ class Config(_Section):
 
         Storage options are redacted at any depth by name (``client_kwargs.
         aws_secret_access_key``), every ``provider.extra_headers`` value is redacted (gateway
-        keys travel as headers of any name), and credentials in URLs (``https://user:pass@``)
-        are removed wherever they are.
+        keys travel as headers of any name), and credentials in URLs (``https://user:pass@``,
+        an Azure SAS URL's ``sig``) are removed wherever they are. Only this copy is redacted:
+        the run itself uses the values as given.
         """
         data = self.model_dump(by_alias=True, mode="json")
         for section in ("input", "output"):
@@ -83,18 +85,31 @@ class Config(_Section):
 
 
 REDACTED = "[REDACTED]"
-_SECRET_OPTION_WORDS = ("key", "secret", "token", "password", "passwd", "credential", "sas",
-                        "signature", "auth", "session")
+#: Words that mark an option's value as a credential wherever they appear in its lower-cased
+#: name: ``key`` covers ``aws_secret_access_key``, ``account_key`` and ``sas_token`` twice over.
+_SECRET_OPTION_WORDS = ("key", "secret", "token", "password", "passwd", "pwd", "credential",
+                        "sas", "signature", "auth", "session", "cookie", "private",
+                        "connection_string")
 _URL_USERINFO = re.compile(r"(?<=://)[^/@\s]+@")
+
+
+def looks_secret(name: str) -> bool:
+    """Whether an option (or URL query parameter) named ``name`` holds a credential."""
+    lowered = name.lower()
+    return any(word in lowered for word in _SECRET_OPTION_WORDS) or lowered == "sig"
 
 
 def redact_options(options: Any) -> Any:
     """Storage options with every value whose name suggests a credential redacted, at any depth.
 
-    A secret-named option is redacted whole, whatever it holds (a dict of credentials too).
+    A secret-named option is redacted whole, whatever it holds (a dict of credentials too);
+    booleans and nulls stay, since they say how a store is reached, not with what.
+
+    >>> redact_options({"client_kwargs": {"aws_secret_access_key": "s3cr3t", "region_name": "x"}})
+    {'client_kwargs': {'aws_secret_access_key': '[REDACTED]', 'region_name': 'x'}}
     """
     if isinstance(options, dict):
-        return {k: (REDACTED if any(w in str(k).lower() for w in _SECRET_OPTION_WORDS)
+        return {k: (REDACTED if looks_secret(str(k)) and v is not None and not isinstance(v, bool)
                     else redact_options(v)) for k, v in options.items()}
     if isinstance(options, list):
         return [redact_options(v) for v in options]
@@ -102,14 +117,27 @@ def redact_options(options: Any) -> Any:
 
 
 def _scrub_urls(value: Any) -> Any:
-    """``value`` with the user and password of every URL in it replaced."""
+    """``value`` with the user and password of every URL in it replaced, and the values of
+    secret-named query parameters of a string that is a URL."""
     if isinstance(value, dict):
         return {k: _scrub_urls(v) for k, v in value.items()}
     if isinstance(value, list):
         return [_scrub_urls(v) for v in value]
-    if isinstance(value, str) and "://" in value and "@" in value:
-        return _URL_USERINFO.sub(f"{REDACTED}@", value)
+    if isinstance(value, str) and "://" in value:
+        return _scrub_query(_URL_USERINFO.sub(f"{REDACTED}@", value))
     return value
+
+
+def _scrub_query(text: str) -> str:
+    try:
+        parts = urlsplit(text)
+    except ValueError:
+        return text
+    pairs = parse_qsl(parts.query, keep_blank_values=True)
+    if not any(looks_secret(k) for k, _ in pairs):
+        return text
+    return urlunsplit(parts._replace(query=urlencode(
+        [(k, REDACTED if looks_secret(k) else v) for k, v in pairs], safe="[]")))
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:

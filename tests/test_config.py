@@ -82,6 +82,36 @@ def test_workers_of_minus_three_is_exit_2_naming_the_key(
     assert not (tmp_path / "out").exists()
 
 
+def test_public_dict_redacts_credentials_at_every_depth_and_every_header() -> None:
+    options = {
+        "anon": False, "token": None,
+        "client_kwargs": {"aws_secret_access_key": "n3sted", "aws_session_token": "t0ken",
+                          "endpoint_url": "http://127.0.0.1:9", "region_name": "us-east-1"},
+        "config_kwargs": {"proxies": {"https": "http://user:pr0xypass@proxy:3128"}},
+        "credentials": {"client_email": "a@b", "private_key": "-----BEGIN"},
+        "account_url": "https://acct.blob.core.windows.net/c?sv=2022&sig=s1gnature&se=2030",
+        "mounts": [{"password": "l1stpass", "host": "h"}],
+    }
+    cfg = parse_config({**BASE, "input": {"path": "s3://b/*", "storage_options": options},
+                        "output": {"storage_options": options},
+                        "provider": {"extra_headers": {"X-Gateway": "g4teway", "X-Org": "org1"}}})
+    public = cfg.public_dict()
+    dumped = str(public)
+    for secret in ("n3sted", "t0ken", "pr0xypass", "BEGIN", "s1gnature", "l1stpass", "g4teway",
+                   "org1"):
+        assert secret not in dumped
+    kept = public["output"]["storage_options"]
+    assert kept["client_kwargs"]["endpoint_url"] == "http://127.0.0.1:9"
+    assert kept["client_kwargs"]["region_name"] == "us-east-1"
+    assert kept["anon"] is False and kept["token"] is None
+    assert kept["account_url"].startswith("https://acct.blob.core.windows.net/c?sv=2022&sig=")
+    assert public["provider"]["extra_headers"] == {"X-Gateway": "[REDACTED]",
+                                                   "X-Org": "[REDACTED]"}
+    # The run still uses the real values.
+    assert cfg.output.storage_options["client_kwargs"]["aws_secret_access_key"] == "n3sted"
+    assert cfg.provider.extra_headers["X-Gateway"] == "g4teway"
+
+
 @pytest.mark.parametrize("path", sorted((Path(__file__).parents[1] / "configs").glob("*.yaml")),
                          ids=lambda p: p.name)
 def test_shipped_configs_are_valid(path: Path) -> None:

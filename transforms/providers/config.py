@@ -31,12 +31,20 @@ def looks_like_a_key(value: str) -> bool:
     """Whether an ``api_key_env`` value is a key pasted in place of a variable name.
 
     Anything that is not a variable name (``sk-...``, with spaces, dots, slashes); and long
-    names without an underscore and with several digits: hexadecimal or base62 keys (Azure's 32
-    hex digits) are valid names by their characters, but no one names a variable like that.
+    random runs that are valid names by their characters but that no one names a variable
+    with: a long name without an underscore and with several digits (Azure's 32 hex digits,
+    base62), or a part between underscores of 16 characters or more holding a digit, or of 32
+    or more (``ark_`` and 32 hex digits). Names are words: ``AZURE_OPENAI_API_KEY_20240501``.
+
+    >>> looks_like_a_key("OPENAI_API_KEY"), looks_like_a_key("sk-proj-abc123")
+    (False, True)
     """
     if not _VARIABLE_NAME.fullmatch(value):
         return True
-    return len(value) >= 20 and "_" not in value and sum(c.isdigit() for c in value) >= 4
+    if len(value) >= 20 and "_" not in value and sum(c.isdigit() for c in value) >= 4:
+        return True
+    return any(len(part) >= 32 or (len(part) >= 16 and any(c.isdigit() for c in part))
+               for part in value.split("_"))
 
 
 class BaseProviderConfig(BaseModel):
