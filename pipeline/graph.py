@@ -70,7 +70,8 @@ def namespace_key(cfg: Config, served_dim: int | None = None) -> dict[str, Any]:
     """
     p = cfg.provider
     endpoint = urlsplit(p.base_url)
-    key = {"kind": p.kind, "endpoint": f"{endpoint.netloc}{endpoint.path}".rstrip("/"),
+    host = endpoint.netloc.rsplit("@", 1)[-1]  # never the user and password of the URL
+    key = {"kind": p.kind, "endpoint": f"{host}{endpoint.path}".rstrip("/"),
            "model": p.model, "dimensions": p.dimensions, "normalize": p.normalize,
            "parameters": p.parameters if isinstance(p, EnvelopeConfig) else {}}
     if p.dimensions is None and served_dim is not None:

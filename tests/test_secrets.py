@@ -155,3 +155,14 @@ def test_serve_local_refuses_a_key_in_place_of_its_variable_name_without_showing
     err = capsys.readouterr().err
     assert key not in err and key[:12] not in err
     assert "--api-key-env" in err and "not the key" in err
+
+
+def test_the_cache_namespace_never_holds_the_credentials_of_base_url() -> None:
+    from pipeline.graph import namespace_key
+
+    with_user = parse_config({"input": {"path": "x.jsonl"}, "provider": {
+        "kind": "openai", "api_key_env": None, "base_url": "https://bob:hunter2@gw.example/v1"}})
+    plain = parse_config({"input": {"path": "x.jsonl"}, "provider": {
+        "kind": "openai", "api_key_env": None, "base_url": "https://gw.example/v1"}})
+    assert "hunter2" not in str(namespace_key(with_user))
+    assert namespace_key(with_user) == namespace_key(plain)  # the same vectors, one namespace
