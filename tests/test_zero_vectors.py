@@ -72,9 +72,12 @@ def test_zeros_once_are_retried_and_the_good_vectors_kept(tmp_path: Path, serve:
     server = serve(ZeroServer, dim=32, model=MODEL, zero_answers=1)
     root = str(tmp_path / "corpus")
     write_corpus(root)
+    # No preflight: the one zero answer goes to a request of the pipeline, whose chunks it held.
     cfg = make_config(corpus_patterns(root), str(tmp_path / "out"), server.base_url,
+                      provider={"preflight": False},
                       retry={"max_attempts": 3, "max_wait_s": 0.05, "initial_wait_s": 0.01})
     assert execute(RunRequest(cfg, quiet=True)) == 0
+    assert server.zeroed == 1
     _, tables = read_output(str(tmp_path / "out"))
     vectors = tables["vectors"].column("embedding").combine_chunks().flatten().to_numpy()
     assert np.abs(vectors.reshape(tables["vectors"].num_rows, -1)).sum(axis=1).min() > 0
