@@ -115,7 +115,10 @@ def run_info(cfg: Config, ctx: RunContext) -> RunInfo:
     )
 
 
-def embed_settings(cfg: Config, ctx: RunContext, cache: CacheSpec | None = None) -> EmbedSettings:
+def embed_settings(cfg: Config, ctx: RunContext, cache: CacheSpec | None = None,
+                   output: OutputSpec | None = None) -> EmbedSettings:
+    """The embed stage's settings; with ``output``, the stage watches that the output store can
+    still be written (the preflight, which writes nothing, passes none)."""
     limits = RateLimits(cfg.limits.requests_per_minute, cfg.limits.tokens_per_minute)
     return EmbedSettings(
         run_id=ctx.run_id,
@@ -127,6 +130,7 @@ def embed_settings(cfg: Config, ctx: RunContext, cache: CacheSpec | None = None)
         cache=cache,
         workers=ctx.workers,
         served_dim=ctx.served_dim,
+        output=(output.path, output.storage_options, output.run_id) if output else None,
     )
 
 
@@ -155,7 +159,7 @@ def build_pipeline(p: beam.Pipeline, cfg: Config, ctx: RunContext) -> None:
     valid = read[tags.RECORDS] | "ValidateDocuments" >> ValidateDocuments(cfg.validate_)
     split = valid[tags.DOCUMENTS] | "SplitChunks" >> SplitChunks(cfg.split)
     embedded = split[tags.CHUNKS] | "EmbedChunks" >> EmbedChunks(
-        embed_settings(cfg, ctx, cache), batch_caps(cfg))
+        embed_settings(cfg, ctx, cache, spec), batch_caps(cfg))
 
     written = [
         p | "LauncherFiles" >> beam.Create(list(ctx.extra_files)),

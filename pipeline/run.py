@@ -23,6 +23,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 import apache_beam as beam
+import fsspec
 from apache_beam.metrics.metric import MetricsFilter
 from apache_beam.options.pipeline_options import (
     DebugOptions,
@@ -39,7 +40,7 @@ from pipeline.graph import RunContext, build_pipeline, embed_settings, output_sp
 from pipeline.output_dir import OutputLease, PreviousRun, prepare_output, retire_previous
 from pipeline.report import print_summary
 from transforms.embed import BatchOutcome, EmbedSession
-from transforms.errors import ConfigError
+from transforms.errors import ConfigError, StoreError
 from transforms.manifest import (
     STATUS_ABORTED,
     STATUS_PARTIAL,
@@ -271,8 +272,11 @@ def _run_holding_the_lease(request: RunRequest, cfg: Config, options: PipelineOp
         result.wait_until_finish()
     except Exception as exc:
         refused = re.search(r"AccountingError: (.*?)(?: \[while running|$)", str(exc), re.DOTALL)
+        dead_store = store_failure(exc) or (None if refused else output_unwritable(cfg, ctx))
         if refused:  # the commit step found chunks missing: say so plainly, not as a crash dump
             log.error("embedpipe: %s (run %s)", refused.group(1).strip(), ctx.run_id)
+        elif dead_store:  # the output or cache died: name it, not a crash dump
+            log.error("embedpipe: %s; nothing was committed for run %s", dead_store, ctx.run_id)
         else:
             log.exception("embedpipe: the pipeline failed; nothing was committed for run %s",
                           ctx.run_id)
@@ -294,6 +298,40 @@ def _run_holding_the_lease(request: RunRequest, cfg: Config, options: PipelineOp
     if not request.quiet:
         print_summary(manifest, cfg, wall_s, pipeline_metrics(result))
     return exit_code_for(manifest)
+
+
+def store_failure(exc: BaseException) -> str | None:
+    """The message of the :class:`StoreError` that failed the pipeline, if one did.
+
+    Runners re-raise a DoFn's error wrapped (FnApiRunner: a ``RuntimeError`` whose text is the
+    original message plus ``[while running 'STEP']``), so the cause chain is walked first, then
+    the text is matched.
+    """
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, StoreError):
+            return str(seen)
+        seen = seen.__cause__ or seen.__context__
+    found = re.search(r"(the (?:cache|output) at \S+ cannot be written.*?)(?: \[while running|$)",
+                      str(exc), re.DOTALL)
+    return found.group(1).strip() if found else None
+
+
+def output_unwritable(cfg: Config, ctx: RunContext) -> str | None:
+    """Why the output cannot be written, if a tiny write there fails now; else None.
+
+    Run after the pipeline failed, so that a failure of the output store (the Parquet writers'
+    own errors are a runner's traceback) is reported as what it is, naming the store.
+    """
+    try:
+        fs, root = fsspec.core.url_to_fs(cfg.output.path, **cfg.output.storage_options)
+        probe = f"{root.rstrip('/')}/_temporary/{ctx.run_id}/alive-launcher"
+        fs.pipe_file(probe, b"")
+        fs.rm_file(probe)
+    except Exception as exc:  # noqa: BLE001 - any failure means the store is not usable
+        return (f"the output at {cfg.output.path} cannot be written ({type(exc).__name__}: "
+                f"{exc}); check that the store is up and writable and run again")
+    return None
 
 
 def pipeline_metrics(result: beam.runners.runner.PipelineResult) -> dict[str, Any]:

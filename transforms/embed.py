@@ -33,6 +33,7 @@ from transforms.embed_session import (
     acquire_session,
     release_session,
 )
+from transforms.errors import StoreError
 from transforms.limits import PAUSE_CAUSES
 from transforms.outputs import in_global_window
 from transforms.pack import BatchCaps, RequestPacker
@@ -224,6 +225,9 @@ class EmbedChunksFn(beam.DoFn):
     def _emit(self, request: RequestBatch, future: Future[BatchOutcome]) -> Iterator[object]:
         """A finished request's outputs, with every chunk that waited on one of its texts."""
         outcome = future.result()
+        if outcome.store_failure is not None:
+            # The output or cache is dead: fail the stage, so the run commits nothing (exit 4).
+            raise StoreError(outcome.store_failure)
         release_freed_memory()
         self._metrics.record(outcome)
         for batch in outcome.batches:

@@ -18,7 +18,9 @@ the parts that decide what happens to a request, each a small object of its own 
   retry policy, with one usage row per HTTP attempt (:class:`~transforms.usage.UsageRows`);
 - :class:`~transforms.abort.AbortFlag`: a fatal answer (bad key, no quota, unknown model) stops
   the run: nothing more is sent, every remaining chunk becomes an ``aborted`` reject, so the run
-  still commits what it finished and exits 3.
+  still commits what it finished and exits 3;
+- :class:`~transforms.store_guard.StoreGuard`: a cache write, or the output's marker, that still
+  fails after a short retry stops sending too, and the run commits nothing (exit 4).
 
 The HTTP transport and the clock are injected (``transport=``, as ``httpx.Client`` takes it, and
 ``clock=``, passed on to the limiter, the retry waits and the provider), so the whole session
@@ -37,9 +39,10 @@ from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
+import fsspec
 import httpx
 
-from transforms.abort import AbortFlag
+from transforms.abort import STORE, AbortFlag
 from transforms.answer_watch import AnswerWatch
 from transforms.bisection import Refused, RequestCap, bisect, spans
 from transforms.cache import CacheIndex, CacheSpec, close_cache, open_cache
@@ -58,6 +61,7 @@ from transforms.providers import get_provider_class
 from transforms.providers.base import Provider
 from transforms.retry import RetryPolicy
 from transforms.sections import ProviderConfig
+from transforms.store_guard import StoreGuard
 from transforms.types import (
     ABORTED,
     PROVIDER_REJECTED,
@@ -89,6 +93,9 @@ class EmbedSettings:
     # The dimension the preflight saw served, when provider.dimensions is not set: every answer
     # must have it (a server restarted with another model cannot mix dimensions into the run).
     served_dim: int | None = None
+    # Where the run's output goes, as (URL, storage options, run id): its marker is rewritten
+    # every few seconds, so a dead output store stops the run (None: not watched, the preflight).
+    output: tuple[str, tuple[tuple[str, object], ...], str] | None = None
 
 
 @dataclass
@@ -99,6 +106,8 @@ class BatchOutcome:
     rejects: list[Reject] = field(default_factory=list)
     usage: list[UsageRecord] = field(default_factory=list)
     fatal: str | None = None
+    # The output or cache could not be written: the run must stop and commit nothing.
+    store_failure: str | None = None
     # The limiter's pauses handed over with this batch (each pause is reported once).
     pauses: Pauses = field(default_factory=Pauses)
     # Over the answers that reported usage: the provider's count, and ours of the same inputs.
@@ -135,6 +144,7 @@ class EmbedSession:
                                    max_pause_s=settings.retry.max_wait_s)
         self.worker = f"{socket.gethostname()}:{os.getpid()}"
         self.abort = AbortFlag()
+        self.stores = StoreGuard(self.abort, clock, secret=api_key)
         self.watch = AnswerWatch(settings.provider.model, worker=self.worker)
         # Largest request the server accepted after a "too large" answer (learned, shrinks only).
         self.cap = RequestCap(settings.provider.max_inputs_per_request)
@@ -173,7 +183,10 @@ class EmbedSession:
     # -- lifecycle --------------------------------------------------------------------------
 
     def close(self) -> None:
-        self._executor.shutdown(wait=True)
+        # After a dead store, threads still inside a failing write send nothing more: the run
+        # does not wait for their store client's own retries to give up.
+        dead = self.abort.kind == STORE
+        self._executor.shutdown(wait=not dead, cancel_futures=dead)
         self._client.close()
         if self.cache is not None and self.settings.cache is not None:
             close_cache(self.settings.cache)
@@ -202,11 +215,16 @@ class EmbedSession:
                 else:
                     out.rejects.extend(answer)
         self._remember(out.batches)
+        if out.batches:
+            self._probe_output()
         out.pauses = self.limiter.take_pauses()
         if self.progress is not None:
             self.progress.finished(sum(len(b) for b in out.batches), len(out.rejects), out.usage,
                                    batch.n_tokens, out.pauses)
-        out.fatal = self.abort.report_once()
+        if self.abort.kind == STORE:
+            out.store_failure = self.abort.message
+        else:
+            out.fatal = self.abort.report_once()
         return out
 
     def _send(
@@ -219,6 +237,7 @@ class EmbedSession:
         learned before the request's turn at the :meth:`~transforms.bisection.RequestCap.admit`
         gate ends, so the requests waiting there are cut to it without being sent.
         """
+        self.stores.hold()  # a store write failing: send nothing until it recovers or dies
         aborted = self.abort.message
         if aborted is not None:
             return _rejects(chunks, ABORTED, aborted, 0)
@@ -272,17 +291,27 @@ class EmbedSession:
     def _remember(self, batches: list[EmbeddedBatch]) -> None:
         """Commit the batch's new vectors to the cache now, so a crash cannot lose them.
 
-        A cache that cannot be written costs money on a re-run, not correctness: the vectors
-        still reach the output, so a failure here is logged and the run goes on.
+        A write that still fails after the guard's short retry stops the run (see
+        :mod:`transforms.store_guard`): a dead cache is most often a dead object store, the
+        output's too, and every answer from then on would be paid for and lost.
         """
-        if self.cache is None or not batches:
+        cache, spec = self.cache, self.settings.cache
+        if cache is None or spec is None or not batches:
             return
-        try:
-            self.cache.write(batches)
-        except Exception as exc:  # noqa: BLE001 - see the docstring
-            log.warning("embedpipe: could not write to the cache at %s (%s: %s)",
-                        self.settings.cache.url if self.settings.cache else "?",
-                        type(exc).__name__, exc)
+        self.stores.write("cache", spec.url, functools.partial(cache.write, batches))
+
+    def _probe_output(self) -> None:
+        """Rewrite the output's marker (see :mod:`transforms.store_guard`), through the guard."""
+        if self.settings.output is None or self.abort.is_set:
+            return
+        url, options, run_id = self.settings.output
+        marker = f"_temporary/{run_id}/alive-{self.worker.replace(':', '-')}"
+
+        def touch() -> None:
+            fs, root = fsspec.core.url_to_fs(url, **dict(options))
+            fs.pipe_file(f"{root.rstrip('/')}/{marker}", b"")
+
+        self.stores.write("output", url, touch)
 
     def _redact(self, text: str) -> str:
         return redact(text, self._api_key)

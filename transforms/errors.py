@@ -10,6 +10,7 @@ Retry and abort decisions test these classes, never httpx's.
     ├── ConfigError                 bad arguments or config, found before any API call (exit 2)
     ├── InputError                  an input file cannot be listed or opened
     ├── AccountingError             a run's output does not account for every chunk (exit 4)
+    ├── StoreError                  the output or cache store cannot be written (exit 4)
     └── ProviderError               an answer (or no answer) from the embedding API
         ├── RetryableError          try the same request again, after a wait
         │   ├── RateLimitedError    429 / throttling: also slows the limiter down
@@ -59,6 +60,11 @@ class InputError(EmbedpipeError):
 
 class AccountingError(EmbedpipeError):
     """A finished run's outputs do not account for every chunk: it must not be committed."""
+
+
+class StoreError(EmbedpipeError):
+    """The output or the cache cannot be written even after a short retry: the run stops
+    sending (every answer from then on would be paid for and lost) and commits nothing."""
 
 
 class ProviderError(EmbedpipeError):
