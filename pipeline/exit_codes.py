@@ -27,10 +27,12 @@ code  name                     meaning — and what to do
                                kept and the manifest says ``aborted`` and why. Fix the key, model,
                                URL or account and run again: finished work comes from the cache.
 4     ``EXIT_CRASHED``         the pipeline itself crashed (a bug or a runner failure), or its
-                               output did not account for every chunk; nothing new was committed
+                               output did not account for every chunk, or the output or cache
+                               store could not be written after a short retry (the run stopped
+                               sending; the message names the store); nothing new was committed
                                (the manifest stays ``partial``, or the previous complete run stays
-                               in place). Read the log and run again to
-                               resume; report it if it repeats.
+                               in place). Read the log, check a named store is up and writable,
+                               and run again to resume; report a crash if it repeats.
 ====  =======================  ====================================================================
 
 Example::

@@ -145,6 +145,8 @@ class EmbedSession:
         self.worker = f"{socket.gethostname()}:{os.getpid()}"
         self.abort = AbortFlag()
         self.stores = StoreGuard(self.abort, clock, secret=api_key)
+        self._marker: tuple[fsspec.AbstractFileSystem, str] | None = None  # the output's
+        self._marker_made = False
         self.watch = AnswerWatch(settings.provider.model, worker=self.worker)
         # Largest request the server accepted after a "too large" answer (learned, shrinks only).
         self.cap = RequestCap(settings.provider.max_inputs_per_request)
@@ -305,13 +307,19 @@ class EmbedSession:
         if self.settings.output is None or self.abort.is_set:
             return
         url, options, run_id = self.settings.output
-        marker = f"_temporary/{run_id}/alive-{self.worker.replace(':', '-')}"
-
-        def touch() -> None:
+        if self._marker is None:
             fs, root = fsspec.core.url_to_fs(url, **dict(options))
-            fs.pipe_file(f"{root.rstrip('/')}/{marker}", b"")
+            name = f"alive-{self.worker.replace(':', '-')}"
+            self._marker = (fs, f"{root.rstrip('/')}/_temporary/{run_id}/{name}")
+        self.stores.write("output", url, self._touch_marker)
 
-        self.stores.write("output", url, touch)
+    def _touch_marker(self) -> None:
+        assert self._marker is not None
+        fs, path = self._marker
+        if not self._marker_made:  # a local folder must exist first; an object store needs none
+            fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
+        fs.pipe_file(path, b"")
+        self._marker_made = True
 
     def _redact(self, text: str) -> str:
         return redact(text, self._api_key)
