@@ -10,6 +10,7 @@ Retry and abort decisions test these classes, never httpx's.
     ├── ConfigError                 bad arguments or config, found before any API call (exit 2)
     ├── InputError                  an input file cannot be listed or opened
     ├── AccountingError             a run's output does not account for every chunk (exit 4)
+    ├── LeaseLostError              another run took the output's lease: do not commit (exit 4)
     └── ProviderError               an answer (or no answer) from the embedding API
         ├── RetryableError          try the same request again, after a wait
         │   ├── RateLimitedError    429 / throttling: also slows the limiter down
@@ -59,6 +60,14 @@ class InputError(EmbedpipeError):
 
 class AccountingError(EmbedpipeError):
     """A finished run's outputs do not account for every chunk: it must not be committed."""
+
+
+class LeaseLostError(EmbedpipeError):
+    """The output's lease names another run at commit time: this run must not commit.
+
+    It happens when this run stalled past the lease's expiry (a machine asleep, a store that
+    refused every renewal) and another run took the output over.
+    """
 
 
 class ProviderError(EmbedpipeError):
