@@ -175,6 +175,7 @@ class OutputLease:
             return False
         except (ValueError, NotImplementedError, TypeError):
             # No exclusive create on this store: look, write, and read back after a while.
+            self._fs.invalidate_cache(self._path)
             if self._fs.exists(self._path):
                 return False
             self._fs.pipe_file(self._path, data)
@@ -271,6 +272,7 @@ def prepare_output(url: str, storage_options: dict[str, Any], overwrite: bool) -
             key="output.path",
         )
     fs, root = fsspec.core.url_to_fs(url, **storage_options)
+    fs.invalidate_cache()  # listings cached in this process may predate other runs' writes
     root = root.rstrip("/")
     kept = {_strip(fs, p) for p in previous.files}
     leftovers: list[str] = []
@@ -313,6 +315,7 @@ def retire_previous(url: str, storage_options: dict[str, Any], previous: Previou
         return
     manifest = read_manifest(url, storage_options) or {}
     fs, root = fsspec.core.url_to_fs(url, **storage_options)
+    fs.invalidate_cache()
     tables = tuple(f"{_strip(fs, root)}/{kind}/" for kind in KINDS)
     listed = {_strip(fs, f["path"]) for f in manifest.get("files", [])}
     retired = [p for p in previous.files

@@ -59,6 +59,7 @@ def verify_report(output: str, storage_options: dict[str, Any] | None = None) ->
     """The problems and warnings found in ``output``."""
     opts = storage_options or {}
     fs, root = fsspec.core.url_to_fs(output, **opts)
+    fs.invalidate_cache()  # what this process listed before may have changed since
     root = root.rstrip("/")
     try:
         manifest = read_manifest(output, opts)

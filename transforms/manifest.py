@@ -116,8 +116,10 @@ def run_of_aborted(name: str) -> str | None:
 
 def read_lease(fs: fsspec.AbstractFileSystem, root: str) -> dict[str, Any] | None:
     """The output's lease record; None when there is none, ``{}`` when it cannot be parsed."""
+    path = f"{root.rstrip('/')}/{LEASE_NAME}"
+    fs.invalidate_cache(path)
     try:
-        record = json.loads(fs.cat_file(f"{root.rstrip('/')}/{LEASE_NAME}"))
+        record = json.loads(fs.cat_file(path))
     except FileNotFoundError:
         return None
     except ValueError:  # torn (a renewal caught mid-write) or not ours
@@ -220,12 +222,19 @@ def read_manifest(output_url: str, storage_options: dict[str, Any] | None = None
 
 
 def read_json(url: str, storage_options: dict[str, Any] | None = None) -> dict | None:
-    """A JSON file, or None when there is none."""
+    """A JSON file, or None when there is none.
+
+    Read whole, past fsspec's caches: the file is replaced by other processes (a run's commit
+    step, another run), and s3fs would answer from a listing cached before that, or refuse a
+    file whose ETag changed since it was first opened.
+    """
     fs, path = fsspec.core.url_to_fs(url, **(storage_options or {}))
-    if not fs.exists(path):
+    fs.invalidate_cache(path)  # s3fs sizes the file from a cached listing before its GET
+    try:
+        data = fs.cat_file(path)
+    except FileNotFoundError:
         return None
-    with fs.open(path, "r", encoding="utf-8") as handle:
-        return json.load(handle)
+    return json.loads(data)
 
 
 def manifest_url(output_url: str) -> str:
