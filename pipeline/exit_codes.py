@@ -24,11 +24,11 @@ code  name                     meaning — and what to do
                                unknown model, unreachable ``base_url``); work already committed is
                                kept and the manifest says ``aborted`` and why. Fix the key, model,
                                URL or account and run again: finished work comes from the cache.
-4     ``EXIT_CRASHED``         the pipeline itself crashed (a bug or a runner failure), or its
-                               output did not account for every chunk; nothing new was committed
-                               (the manifest stays ``partial``, or the previous complete run stays
-                               in place). Read the log and run again to
-                               resume; report it if it repeats.
+4     ``EXIT_CRASHED``         the pipeline itself crashed (a bug or a runner failure), its output
+                               did not account for every chunk, or another run took its lease;
+                               nothing new was committed (the folder's manifest stays what it was
+                               before the run). Read the log and run again to resume; report it
+                               if it repeats.
 ====  =======================  ====================================================================
 
 Example::

@@ -300,3 +300,45 @@ def test_verify_names_files_the_manifest_does_not_list(
     assert main(["verify", str(output), "--json"]) == 1
     shown = json.loads(capsys.readouterr().out)
     assert len(shown["problems"]) == 2 and len(shown["warnings"]) == 1
+
+
+def test_a_reader_that_selects_the_manifests_run_never_mixes_two_runs(
+        tmp_path: Path, embedding_server: EmbeddingServer,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Run A commits; an --overwrite run B writes its shards and then fails its commit (exit 4).
+    The folder holds both runs' vectors, and the documented reads of A (its run id, or the
+    manifest's list) see A's rows once each; only a bare glob would mix them."""
+    duckdb = pytest.importorskip("duckdb")
+    import dataclasses
+
+    from pipeline import graph
+    from transforms import write
+
+    output = tmp_path / "out"
+    cfg = _config(tmp_path, embedding_server, output={"overwrite": True, "rows_per_file": 7})
+    assert execute(RunRequest(cfg, quiet=True)) == 0
+    first = _manifest(output)
+    real = write.vectors_table
+
+    def lossy(batches, spec):
+        return real(batches[1:] if len(batches) > 1 else batches, spec)
+
+    monkeypatch.setattr(graph, "VECTORS", dataclasses.replace(write.VECTORS, to_table=lossy))
+    assert execute(RunRequest(cfg, quiet=True)) == 4
+    assert _manifest(output) == first
+    runs = {Path(p).name[len("part-"):len("part-") + 25] for p in _table_files(output)}
+    assert len(runs) == 2  # B's shards are there, beside A's
+
+    con = duckdb.connect()
+    by_run_id = con.execute(f"select count(*), count(distinct id) from "
+                            f"'{output}/vectors/part-{first['run_id']}-*.parquet'").fetchone()
+    listed = [f["path"] for f in first["files"] if f["kind"] == "vectors"]
+    by_manifest = con.execute("select count(*), count(distinct id) from read_parquet(?)",
+                              [listed]).fetchone()
+    embedded = first["counts"]["chunks_embedded"]
+    assert by_run_id == by_manifest == (embedded, embedded)
+    everything = con.execute(f"select count(*) from '{output}/vectors/*.parquet'").fetchone()
+    assert everything[0] > embedded  # why the docs say never to glob them all
+    report = verify_report(str(output))
+    assert report.problems == [] and report.warnings
+    assert all("never committed" in w for w in report.warnings)
