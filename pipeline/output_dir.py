@@ -294,8 +294,11 @@ def prepare_output(url: str, storage_options: dict[str, Any], overwrite: bool) -
                     key="output.path",
                 )
             leftovers.append(path)
-    leftovers += [p for p in fs.ls(root, detail=False)
-                  if _TOP_TEMPORARY.fullmatch(p.rstrip("/").rsplit("/", 1)[-1])]
+    try:
+        top = fs.ls(root, detail=False)
+    except FileNotFoundError:  # an object store's empty prefix
+        top = []
+    leftovers += [p for p in top if _TOP_TEMPORARY.fullmatch(p.rstrip("/").rsplit("/", 1)[-1])]
     if leftovers:
         log.info("embedpipe: removing %d files left in %s by runs that did not commit",
                  len(leftovers), url)
