@@ -26,13 +26,13 @@ code  name                     meaning — and what to do
                                unknown model, unreachable ``base_url``); work already committed is
                                kept and the manifest says ``aborted`` and why. Fix the key, model,
                                URL or account and run again: finished work comes from the cache.
-4     ``EXIT_CRASHED``         the pipeline itself crashed (a bug or a runner failure), or its
-                               output did not account for every chunk, or the output or cache
-                               store could not be written after a short retry (the run stopped
-                               sending; the message names the store); nothing new was committed
-                               (the manifest stays ``partial``, or the previous complete run stays
-                               in place). Read the log, check a named store is up and writable,
-                               and run again to resume; report a crash if it repeats.
+4     ``EXIT_CRASHED``         the pipeline itself crashed (a bug or a runner failure), its output
+                               did not account for every chunk, another run took its lease, or
+                               the output or cache store could not be written after a short retry
+                               (the run stopped sending; the message names the store); nothing new
+                               was committed (the folder's manifest stays what it was before the
+                               run). Read the log, check a named store is up and writable, and run
+                               again to resume; report a crash if it repeats.
 ====  =======================  ====================================================================
 
 Example::

@@ -52,6 +52,7 @@ class RunContext:
     progress_interval_s: float | None = 5.0  # None: no progress lines
     extra_files: tuple[WrittenFile, ...] = ()  # committed by the launcher (the preflight's usage)
     served_dim: int | None = None  # the dimension the preflight's answer had
+    leased: bool = False  # the launcher holds the output's lease; the commit step checks it
 
 
 def namespace_key(cfg: Config, served_dim: int | None = None) -> dict[str, Any]:
@@ -112,6 +113,7 @@ def run_info(cfg: Config, ctx: RunContext) -> RunInfo:
         provider=cfg.provider.kind,
         model=cfg.provider.model,
         dimensions=cfg.provider.dimensions,
+        leased=ctx.leased,
     )
 
 

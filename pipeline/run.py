@@ -43,7 +43,7 @@ from transforms.embed import BatchOutcome, EmbedSession
 from transforms.errors import ConfigError, StoreError
 from transforms.manifest import (
     STATUS_ABORTED,
-    STATUS_PARTIAL,
+    TEMPORARY,
     aborted_manifest_url,
     build_manifest,
     commit_url,
@@ -225,11 +225,15 @@ def execute(
         workers=resolve_workers(cfg, options),
         progress_interval_s=None if request.quiet else PROGRESS_INTERVAL_S,
     )
-    with OutputLease(cfg.output.path, cfg.output.storage_options, ctx.run_id):
+    # The lease is this run's marker: no manifest is written until the run commits, so the
+    # one in place (a complete run being replaced, an aborted one being resumed) stays readable.
+    with OutputLease(cfg.output.path, cfg.output.storage_options, ctx.run_id) as lease:
         previous = prepare_output(cfg.output.path, cfg.output.storage_options,
                                   cfg.output.overwrite)
-        code = _run_holding_the_lease(request, cfg, options, ctx, api_key, previous,
-                                     test_pipeline)
+        code = _run_holding_the_lease(request, cfg, options, replace(ctx, leased=True),
+                                     api_key, previous, test_pipeline)
+        if lease.lost and code != EXIT_CRASHED:
+            log.error("embedpipe: run %s lost the output's lease (%s)", ctx.run_id, lease.lost)
     return code
 
 
@@ -237,13 +241,6 @@ def _run_holding_the_lease(request: RunRequest, cfg: Config, options: PipelineOp
                            ctx: RunContext, api_key: str | None, previous: PreviousRun,
                            test_pipeline: beam.Pipeline | None) -> int:
     spec = output_spec(cfg, ctx)
-    if not previous.complete:  # a complete run being replaced stays what readers see
-        write_json_atomically(
-            manifest_url(cfg.output.path),
-            {"status": STATUS_PARTIAL, "run_id": ctx.run_id, "started_at": ctx.started_at,
-             "config": cfg.public_dict()},
-            cfg.output.storage_options,
-        )
     if cfg.provider.preflight and (api_key or not cfg.provider.api_key_env):
         outcome = preflight(cfg, ctx, api_key)
         usage_file = write_rows(USAGE, outcome.usage, spec,
@@ -253,9 +250,14 @@ def _run_holding_the_lease(request: RunRequest, cfg: Config, options: PipelineOp
             log.error("embedpipe: %s", failure)
             manifest = build_manifest(run_info(cfg, ctx), [usage_file], records_read=0,
                                       documents_valid=0, chunks=0, fatal=[failure])
+            fs, root = spec.filesystem()
+            if fs.exists(f"{root}/{TEMPORARY}"):
+                fs.rm(f"{root}/{TEMPORARY}", recursive=True)
             where = commit_url(cfg.output.path, manifest, cfg.output.storage_options)
             write_json_atomically(where, manifest, cfg.output.storage_options)
-            if where != manifest_url(cfg.output.path):
+            if where == manifest_url(cfg.output.path):  # it replaced an aborted run
+                retire_previous(cfg.output.path, cfg.output.storage_options, previous)
+            else:
                 log.error("embedpipe: the complete run %s in %s is kept; this run's manifest is "
                           "%s", (previous.manifest or {}).get("run_id"), cfg.output.path, where)
             return EXIT_FATAL_PROVIDER
@@ -271,9 +273,10 @@ def _run_holding_the_lease(request: RunRequest, cfg: Config, options: PipelineOp
         result = pipeline.run()
         result.wait_until_finish()
     except Exception as exc:
-        refused = re.search(r"AccountingError: (.*?)(?: \[while running|$)", str(exc), re.DOTALL)
+        refused = re.search(r"(?:AccountingError|LeaseLostError): (.*?)(?: \[while running|$)",
+                            str(exc), re.DOTALL)
         dead_store = store_failure(exc) or (None if refused else output_unwritable(cfg, ctx))
-        if refused:  # the commit step found chunks missing: say so plainly, not as a crash dump
+        if refused:  # the commit step refused to commit: say why plainly, not as a crash dump
             log.error("embedpipe: %s (run %s)", refused.group(1).strip(), ctx.run_id)
         elif dead_store:  # the output or cache died: name it, not a crash dump
             log.error("embedpipe: %s; nothing was committed for run %s", dead_store, ctx.run_id)
@@ -283,7 +286,7 @@ def _run_holding_the_lease(request: RunRequest, cfg: Config, options: PipelineOp
         return EXIT_CRASHED
     wall_s = time.monotonic() - t0
     manifest = read_manifest(cfg.output.path, cfg.output.storage_options) or {}
-    if manifest.get("run_id") == ctx.run_id and manifest.get("status") != STATUS_PARTIAL:
+    if manifest.get("run_id") == ctx.run_id:
         retire_previous(cfg.output.path, cfg.output.storage_options, previous)
     else:
         manifest = read_json(aborted_manifest_url(cfg.output.path, ctx.run_id),

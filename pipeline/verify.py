@@ -5,7 +5,15 @@ the row count it records; the counts agree with the rows and add up (every chunk
 chunk reject: ``chunks == chunks_embedded + chunks_failed``); vector ids are unique and no id is
 both a vector and a chunk reject; every vector has one and the same dimension, is finite and is
 not all zeros; usage and rejects are readable. Files are read a row group at a time.
-Prints each problem on its own line and exits 1 if there is any, else 0.
+
+Then the folders: every file in ``vectors/``, ``usage/`` and ``rejects/`` that the manifest does
+not list is looked at (:func:`folder_findings`). A file embedpipe did not write, or one named
+for the committed run but not listed, is a problem (a reader would take it for part of the
+output). A file of another run (one under way, which holds the lease; one that aborted beside
+a complete run; one that crashed) is a warning: readers that follow the manifest, or select the
+committed run's ``part-RUN_ID-*`` files, never read it, and the next run removes it.
+Prints each problem on its own line and exits 1 if there is any, else 0; warnings are printed
+and do not change the exit code.
 """
 
 from __future__ import annotations
@@ -14,6 +22,7 @@ import argparse
 import json
 import sys
 from collections import Counter
+from dataclasses import dataclass, field
 from typing import Any
 
 import fsspec
@@ -23,22 +32,98 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipeline.exit_codes import EXIT_OK, EXIT_PROBLEMS
-from transforms.manifest import STATUS_COMPLETE, read_manifest
+from transforms.manifest import (
+    STATUS_COMPLETE,
+    TABLE_KINDS,
+    read_lease,
+    read_manifest,
+    run_of_aborted,
+    run_of_file,
+)
+
+
+@dataclass
+class Findings:
+    """What ``verify`` found: problems (exit 1) and warnings (printed only)."""
+
+    problems: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
 
 
 def verify_output(output: str, storage_options: dict[str, Any] | None = None) -> list[str]:
     """The problems found in ``output``; an empty list means it is sound."""
+    return verify_report(output, storage_options).problems
+
+
+def verify_report(output: str, storage_options: dict[str, Any] | None = None) -> Findings:
+    """The problems and warnings found in ``output``."""
     opts = storage_options or {}
+    fs, root = fsspec.core.url_to_fs(output, **opts)
+    fs.invalidate_cache()  # what this process listed before may have changed since
+    root = root.rstrip("/")
     try:
         manifest = read_manifest(output, opts)
     except (OSError, ValueError) as exc:
-        return [f"manifest.json cannot be read: {exc}"]
+        return Findings([f"manifest.json cannot be read: {exc}"])
     if manifest is None:
-        return [f"no manifest.json in {output}: the run never started or is not an embedpipe output"]
+        lease = read_lease(fs, root)
+        if lease:
+            why = (f"run {lease.get('run_id')} holds its lease (_lease.json), so a first run is "
+                   "under way, or died before it committed")
+        else:
+            why = "no run committed there, or it is not an embedpipe output"
+        return Findings([f"no manifest.json in {output}: {why}"])
+    found = Findings(_check_manifest(fs, manifest))
+    folder_findings(fs, root, manifest, found)
+    return found
+
+
+def folder_findings(fs: fsspec.AbstractFileSystem, root: str, manifest: dict[str, Any],
+                    found: Findings) -> None:
+    """Add what the table folders hold beyond the files ``manifest`` lists to ``found``."""
+    committed = manifest.get("run_id")
+    listed = {_normal(fs, f["path"]) for f in manifest.get("files", [])}
+    lease = read_lease(fs, root) or {}
+    aborted = {run_of_aborted(p.rstrip("/").rsplit("/", 1)[-1])
+               for p in fs.ls(root, detail=False)} - {None}
+    for kind in TABLE_KINDS:
+        folder = f"{root}/{kind}"
+        if not fs.exists(folder):
+            continue
+        for path in sorted(fs.find(folder, withdirs=True)):
+            if _normal(fs, path) in listed or _normal(fs, path) == _normal(fs, folder):
+                continue
+            run = run_of_file(path.rstrip("/").rsplit("/", 1)[-1])
+            if run is None:
+                found.problems.append(
+                    f"{path}: not listed by the manifest and not written by embedpipe: a reader "
+                    f"that globs {kind}/*.parquet would read it, and the next run into this "
+                    "output refuses to start until it is moved away")
+            elif run == committed:
+                found.problems.append(
+                    f"{path}: named for the committed run {run} but not listed by its manifest: "
+                    f"a reader that selects part-{run}-*.parquet would read it")
+            else:
+                why = ("holds the output's lease: a run under way, whose files are not part of "
+                       "the output until it commits" if run == lease.get("run_id") else
+                       f"aborted beside the complete run (aborted-{run}.json); the next run "
+                       "removes it" if run in aborted else
+                       "never committed (it crashed or was killed); the next run removes it")
+                found.warnings.append(
+                    f"{path}: not part of the output: run {run} {why}. Readers that follow the "
+                    f"manifest or select part-{committed}-*.parquet do not read it; a glob "
+                    f"over {kind}/*.parquet would")
+
+
+def _normal(fs: fsspec.AbstractFileSystem, path: str) -> str:
+    return str(fs._strip_protocol(path)).rstrip("/")
+
+
+def _check_manifest(fs: fsspec.AbstractFileSystem, manifest: dict[str, Any]) -> list[str]:
+    """The problems of the committed run: its status, its files, counts, ids and vectors."""
     problems: list[str] = []
     if manifest.get("status") != STATUS_COMPLETE:
         problems.append(f"manifest status is {manifest.get('status')!r}, not 'complete'")
-    fs, _ = fsspec.core.url_to_fs(output, **opts)
     rows: Counter[str] = Counter()
     ids: list[pa.Array] = []
     failed_ids: list[pa.Array] = []
@@ -127,10 +212,15 @@ def verify_main(argv: list[str] | None = None) -> int:
                         help='fsspec options as JSON, e.g. \'{"anon": true}\'')
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
     args = parser.parse_args(argv)
-    problems = verify_output(args.output, json.loads(args.storage_options))
+    found = verify_report(args.output, json.loads(args.storage_options))
+    problems = found.problems
     if args.json:
-        print(json.dumps({"output": args.output, "ok": not problems, "problems": problems}))
-    elif problems:
+        print(json.dumps({"output": args.output, "ok": not problems, "problems": problems,
+                          "warnings": found.warnings}))
+        return EXIT_PROBLEMS if problems else EXIT_OK
+    for warning in found.warnings:
+        print(f"embedpipe verify: warning: {warning}", file=sys.stderr)
+    if problems:
         print(f"embedpipe verify: {args.output} has {len(problems)} problem(s):", file=sys.stderr)
         for problem in problems:
             print(f"  - {problem}", file=sys.stderr)

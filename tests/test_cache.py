@@ -268,10 +268,12 @@ def test_sigkill_mid_embedding_then_same_command_resumes_paying_only_the_window(
         served_before_kill = server.stats.inputs - 1
         assert served_before_kill < len(chunks)
 
-        # What the killed run left: a partial manifest, and the requests it finished, already in
-        # the cache as one segment each, named by the killed run.
-        killed = json.loads((output / "manifest.json").read_text())
-        assert killed["status"] == "partial"
+        # What the killed run left: no manifest (a run commits one only at its end), its lease
+        # (which the re-run takes over: its process is gone), and the requests it finished,
+        # already in the cache as one segment each, named by the killed run.
+        assert not (output / "manifest.json").exists()
+        killed = json.loads((output / "_lease.json").read_text())
+        assert killed["pid"] == proc.pid
         folder = cache_folder(tmp_path / ".embedpipe-cache")
         survived = set(cached_shas(folder, f"seg-{killed['run_id']}-*.arrow"))
         assert survived, "no finished request batch reached the cache before the kill"

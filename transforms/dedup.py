@@ -92,17 +92,24 @@ def drop_rows(
     written: WrittenFile,
     duplicates: Duplicates,
     stats: Callable[[pa.Table], Counter[str]],
+    scratch: str | None = None,
 ) -> tuple[WrittenFile, pa.Table | None]:
     """``written`` without the rows of losing versions; also returns the rows removed.
 
-    A file with no such row is left as it is (only its ``doc_id`` column is read).
+    A file with no such row is left as it is (only its ``doc_id`` column is read). The new
+    version is written in ``scratch`` (the run's ``_temporary/`` folder; beside the file when
+    None) and moved over the old one, so a commit killed mid-way leaves no stray file in the
+    output's table folders.
     """
     if not written.rows or not duplicates.losers:
         return written, None
     if not pc.any(pc.is_in(_read(fs, written.path, ["doc_id"]).column("doc_id"),
                            value_set=pa.array(sorted(duplicates.doc_ids), pa.string()))).as_py():
         return written, None
-    tmp = f"{written.path.rsplit('/', 1)[0]}/.{written.path.rsplit('/', 1)[1]}.dedup"
+    folder, name = written.path.rsplit("/", 1)
+    if scratch is not None:
+        fs.makedirs(scratch, exist_ok=True)
+    tmp = f"{scratch}/{name}.dedup" if scratch is not None else f"{folder}/.{name}.dedup"
     kept_stats: Counter[str] = Counter()
     removed: list[pa.Table] = []
     rows = 0

@@ -11,6 +11,7 @@ Retry and abort decisions test these classes, never httpx's.
     ├── InputError                  an input file cannot be listed or opened
     ├── AccountingError             a run's output does not account for every chunk (exit 4)
     ├── StoreError                  the output or cache store cannot be written (exit 4)
+    ├── LeaseLostError              another run took the output's lease: do not commit (exit 4)
     └── ProviderError               an answer (or no answer) from the embedding API
         ├── RetryableError          try the same request again, after a wait
         │   ├── RateLimitedError    429 / throttling: also slows the limiter down
@@ -65,6 +66,12 @@ class AccountingError(EmbedpipeError):
 class StoreError(EmbedpipeError):
     """The output or the cache cannot be written even after a short retry: the run stops
     sending (every answer from then on would be paid for and lost) and commits nothing."""
+class LeaseLostError(EmbedpipeError):
+    """The output's lease names another run at commit time: this run must not commit.
+
+    It happens when this run stalled past the lease's expiry (a machine asleep, a store that
+    refused every renewal) and another run took the output over.
+    """
 
 
 class ProviderError(EmbedpipeError):

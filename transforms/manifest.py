@@ -1,16 +1,25 @@
 """The manifest: the last file of a run, and its commit marker.
 
-``manifest.json`` is written once at the start with status ``partial`` and replaced, atomically,
-by the final singleton step after every shard is committed, with status ``complete`` (or
-``aborted`` after a fatal provider answer). Readers and ``embedpipe verify`` trust an output only
-when its manifest says ``complete``; the file list in it is authoritative: a shard that is not
-listed (left by a crashed attempt) is not part of the output.
+``manifest.json`` is written once, atomically, by the final singleton step after every shard is
+committed, with status ``complete`` (or ``aborted`` after a fatal provider answer). Until then
+the folder keeps the manifest of the run before (if any), so an ``--overwrite`` that fails leaves
+the previous run readable; a live run is known by its lease (``_lease.json``, see
+:mod:`pipeline.output_dir`), never by a manifest. Readers and ``embedpipe verify`` trust an
+output only when its manifest says ``complete``; the file list in it is authoritative.
+
+Every file a run writes is named ``part-RUN_ID-*.parquet`` (:func:`run_of_file`), so one run's
+files are never mistaken for another's, and embedpipe deletes only files with such names (or
+listed by a manifest). Before the manifest is written the commit step removes any file of its
+own run id that it does not list (a shard of a bundle the runner retried), so selecting
+``part-RUN_ID-*`` reads exactly the manifest's files.
 
 Before it writes the manifest, the commit step settles duplicate ids (:mod:`transforms.dedup`)
 and checks the run's accounting: every chunk the splitter made must be a vector row or a chunk
 reject, exactly once, by count *and* by checksum (:func:`transforms.types.fingerprint`). An
-output that fails the check is never marked complete: :class:`AccountingError`, exit 4, the
-manifest stays ``partial``. A run that loses chunks says so, loudly, instead of committing.
+output that fails the check is never committed: :class:`AccountingError`, exit 4, and the
+folder's manifest stays what it was. A run that loses chunks says so, loudly, instead of
+committing. A run launched by ``embedpipe run`` also checks, last, that it still holds the
+output's lease (:func:`check_lease`).
 """
 
 from __future__ import annotations
@@ -18,6 +27,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import logging
+import re
 from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -28,7 +38,7 @@ import fsspec
 
 from transforms.cache import CacheSpec
 from transforms.dedup import NO_DUPLICATES, drop_rows, find_duplicates
-from transforms.errors import AccountingError
+from transforms.errors import AccountingError, LeaseLostError
 from transforms.types import (
     FINGERPRINT_MODULUS,
     MISSING_FIELD,
@@ -42,11 +52,26 @@ from transforms.write import IDS, REJECTS, USAGE, VECTORS, OutputSpec, write_row
 
 log = logging.getLogger(__name__)
 
+#: Written at the start of a run by versions before the lease; no longer written, still read.
 STATUS_PARTIAL = "partial"
 STATUS_COMPLETE = "complete"
 STATUS_ABORTED = "aborted"
 
 MANIFEST_NAME = "manifest.json"
+#: The live run's lease, beside the manifest (:mod:`pipeline.output_dir` takes and renews it).
+LEASE_NAME = "_lease.json"
+#: Files being written by a live run, under ``_temporary/RUN_ID/``.
+TEMPORARY = "_temporary"
+#: The output's table folders, the only ones embedpipe writes Parquet files to.
+TABLE_KINDS = ("vectors", "usage", "rejects")
+
+#: The run ids ``embedpipe run`` makes: the UTC second it started and 8 hex digits.
+RUN_ID_PATTERN = r"\d{8}T\d{6}Z-[0-9a-f]{8}"
+_RUN_FILE = re.compile(rf"part-({RUN_ID_PATTERN})-[0-9A-Za-z_-]+\.parquet")
+# A rewrite by the commit step's duplicate-id settling, left by a commit killed mid-way (until
+# the temporary moved to _temporary/RUN_ID/, it was written beside the file).
+_RUN_TEMPORARY = re.compile(rf"\.part-({RUN_ID_PATTERN})-[0-9A-Za-z_-]+\.parquet\.dedup")
+_ABORTED = re.compile(rf"aborted-({RUN_ID_PATTERN})\.json")
 
 #: Reject reasons that concern a whole input file or pattern rather than one record.
 FILE_LEVEL_REASONS = frozenset({UNREADABLE_FILE, NO_FILES_MATCHED, MISSING_FIELD})
@@ -64,6 +89,56 @@ class RunInfo:
     provider: str
     model: str
     dimensions: int | None
+    leased: bool = False  # launched by ``embedpipe run``, which holds the output's lease
+
+
+def run_of_file(name: str) -> str | None:
+    """The run id in the name of a file embedpipe writes to a table folder, else None.
+
+    >>> run_of_file("part-20261204T123633Z-0a1b2c3d-9f8e7d6c5b4a.parquet")
+    '20261204T123633Z-0a1b2c3d'
+    >>> run_of_file("part-00000-1f2e.snappy.parquet") is None  # Spark's, not ours
+    True
+    """
+    found = _RUN_FILE.fullmatch(name)
+    return found.group(1) if found else None
+
+
+def run_of_temporary(name: str) -> str | None:
+    """The run id of a temporary file embedpipe may have left in a table folder, else None."""
+    found = _RUN_TEMPORARY.fullmatch(name)
+    return found.group(1) if found else None
+
+
+def run_of_aborted(name: str) -> str | None:
+    """The run id of an ``aborted-RUN_ID.json`` manifest, else None."""
+    found = _ABORTED.fullmatch(name)
+    return found.group(1) if found else None
+
+
+def read_lease(fs: fsspec.AbstractFileSystem, root: str) -> dict[str, Any] | None:
+    """The output's lease record; None when there is none, ``{}`` when it cannot be parsed."""
+    path = f"{root.rstrip('/')}/{LEASE_NAME}"
+    fs.invalidate_cache(path)
+    try:
+        record = json.loads(fs.cat_file(path))
+    except FileNotFoundError:
+        return None
+    except ValueError:  # torn (a renewal caught mid-write) or not ours
+        return {}
+    return record if isinstance(record, dict) else {}
+
+
+def check_lease(fs: fsspec.AbstractFileSystem, root: str, run_id: str) -> None:
+    """Raise :class:`LeaseLostError` unless the output's lease names ``run_id``."""
+    holder = read_lease(fs, root)
+    if (holder or {}).get("run_id") != run_id:
+        who = (f"run {holder.get('run_id')} (host {holder.get('host')}, pid {holder.get('pid')})"
+               if holder else "no run" if holder is None else "an unreadable lease file")
+        raise LeaseLostError(
+            f"run {run_id} no longer holds the lease of {root}: it now names {who}. Another "
+            "run took the output over after this one stopped renewing its lease; this run's "
+            "files are not committed (the next run into the output removes them)")
 
 
 def utc_now() -> str:
@@ -165,12 +240,19 @@ def read_manifest(output_url: str, storage_options: dict[str, Any] | None = None
 
 
 def read_json(url: str, storage_options: dict[str, Any] | None = None) -> dict | None:
-    """A JSON file, or None when there is none."""
+    """A JSON file, or None when there is none.
+
+    Read whole, past fsspec's caches: the file is replaced by other processes (a run's commit
+    step, another run), and s3fs would answer from a listing cached before that, or refuse a
+    file whose ETag changed since it was first opened.
+    """
     fs, path = fsspec.core.url_to_fs(url, **(storage_options or {}))
-    if not fs.exists(path):
+    fs.invalidate_cache(path)  # s3fs sizes the file from a cached listing before its GET
+    try:
+        data = fs.cat_file(path)
+    except FileNotFoundError:
         return None
-    with fs.open(path, "r", encoding="utf-8") as handle:
-        return json.load(handle)
+    return json.loads(data)
 
 
 def manifest_url(output_url: str) -> str:
@@ -219,6 +301,38 @@ def check_accounting(files: Iterable[WrittenFile], chunks: int, checksum: int) -
         )
 
 
+def reconcile_files(fs: fsspec.AbstractFileSystem, root: str, run_id: str,
+                    files: Iterable[WrittenFile]) -> None:
+    """Make this run's files in the table folders exactly ``files``, just before the commit.
+
+    A file of this run that ``files`` does not list is removed: a runner that retries a bundle
+    (Dataflow, Flink) may have moved a shard of the failed attempt to its final name, and its
+    rows are in the retry's shard too. So ``part-RUN_ID-*`` selects exactly what the manifest
+    lists. A listed file that is gone (deleted by another process, e.g. a run that took the
+    output over while this one stalled) is an :class:`AccountingError`: nothing is committed.
+    """
+    fs.invalidate_cache()
+    listed = {_normal(fs, f.path) for f in files}
+    present = {_normal(fs, path) for kind in TABLE_KINDS
+               for path in fs.glob(f"{root}/{kind}/part-{run_id}-*.parquet")}
+    stray = sorted(present - listed)
+    if stray:
+        log.warning("embedpipe: removing %d files of run %s that its manifest does not list "
+                    "(written by a bundle the runner retried): %s", len(stray), run_id,
+                    ", ".join(stray[:3]))
+        fs.rm(stray)
+    missing = sorted(listed - present)
+    if missing:
+        raise AccountingError(
+            f"{len(missing)} files of run {run_id} are gone from {root} before its commit, e.g. "
+            f"{', '.join(missing[:3])}: another process deleted them, so the run is not "
+            "committed; run it again")
+
+
+def _normal(fs: fsspec.AbstractFileSystem, path: str) -> str:
+    return str(fs._strip_protocol(path)).rstrip("/")
+
+
 class CommitManifestFn(beam.DoFn):
     """The run's last step: settle duplicate ids, check the accounting, write the manifest.
 
@@ -241,13 +355,14 @@ class CommitManifestFn(beam.DoFn):
         files = [f for f in files if f.kind != IDS.name]
         duplicates = find_duplicates(fs, id_files) if id_files else NO_DUPLICATES
         if duplicates.rejects:
-            files, removed_chunks = self._drop_losers(fs, files, duplicates)
+            files, removed_chunks = self._drop_losers(
+                fs, files, duplicates, f"{root}/{TEMPORARY}/{self.info.run_id}/dedup")
             log.info("embedpipe: %d versions of duplicated ids settled at commit (%d of their "
                      "chunks removed from the output)", len(duplicates.rejects), removed_chunks)
             n_chunks -= removed_chunks
             documents_valid -= len(duplicates.rejects)
             files.append(write_rows(REJECTS, list(duplicates.rejects), self.spec,
-                                    name=f"part-duplicates-{self.info.run_id}.parquet"))
+                                    name=f"part-{self.info.run_id}-duplicates.parquet"))
         kinds = {f.kind for f in files}
         # Always leave a readable file per table, so `KIND/*.parquet` globs never come up empty.
         for kind in (REJECTS, USAGE):
@@ -262,26 +377,29 @@ class CommitManifestFn(beam.DoFn):
             self.info, files, records_read=records_read, documents_valid=documents_valid,
             chunks=n_chunks, fatal=sorted(set(fatal)), cache=cache,
         )
-        temporary = f"{root}/_temporary/{self.info.run_id}"
+        reconcile_files(fs, root, self.info.run_id, files)
+        temporary = f"{root}/{TEMPORARY}/{self.info.run_id}"
         if fs.exists(temporary):
             fs.rm(temporary, recursive=True)
-        if fs.exists(f"{root}/_temporary") and not fs.ls(f"{root}/_temporary"):
-            fs.rm(f"{root}/_temporary", recursive=True)
+        if fs.exists(f"{root}/{TEMPORARY}") and not fs.ls(f"{root}/{TEMPORARY}"):
+            fs.rm(f"{root}/{TEMPORARY}", recursive=True)
+        if self.info.leased:
+            check_lease(fs, root, self.info.run_id)  # last, just before the commit itself
         write_json_atomically(commit_url(self.spec.path, manifest, dict(self.spec.storage_options)),
                               manifest, dict(self.spec.storage_options))
         yield manifest
 
-    def _drop_losers(self, fs, files: list[WrittenFile], duplicates) -> tuple[
+    def _drop_losers(self, fs, files: list[WrittenFile], duplicates, scratch: str) -> tuple[
             list[WrittenFile], int]:
         """Remove the rows of losing versions; returns the files and the chunks removed."""
         kept: list[WrittenFile] = []
         removed_chunks = 0
         for f in files:
             if f.kind == VECTORS.name:
-                f, removed = drop_rows(fs, f, duplicates, VECTORS.stats)
+                f, removed = drop_rows(fs, f, duplicates, VECTORS.stats, scratch)
                 removed_chunks += removed.num_rows if removed is not None else 0
             elif f.kind == REJECTS.name:
-                f, removed = drop_rows(fs, f, duplicates, REJECTS.stats)
+                f, removed = drop_rows(fs, f, duplicates, REJECTS.stats, scratch)
                 if removed is not None:
                     removed_chunks += sum(1 for s in removed.column("stage").to_pylist()
                                           if s == STAGE_EMBED)
