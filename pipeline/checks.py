@@ -31,7 +31,7 @@ from fsspec.registry import known_implementations
 
 from pipeline.config import Config
 from transforms.cache import default_cache_root
-from transforms.errors import ConfigError, redact
+from transforms.errors import ConfigError, option_strings, redact
 
 __all__ = ["Location", "check_filesystems", "check_storage", "check_writable", "input_locations",
            "install_hint"]
@@ -181,15 +181,6 @@ def _describe(exc: BaseException, storage_options: Mapping[str, Any]) -> str:
         message = exc.strerror  # "Read-only file system", "Permission denied"
     else:
         message = f"{type(exc).__name__}: {exc}"
-    return redact(message, *(s for s in _strings_in(storage_options) if len(s) >= 4))
+    return redact(message, *(s for s in option_strings(storage_options) if len(s) >= 4))
 
 
-def _strings_in(value: Any) -> Iterator[str]:
-    if isinstance(value, str):
-        yield value
-    elif isinstance(value, Mapping):
-        for item in value.values():
-            yield from _strings_in(item)
-    elif isinstance(value, (list, tuple)):
-        for item in value:
-            yield from _strings_in(item)

@@ -26,6 +26,7 @@ with the key before they are stored.
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 #: The most characters of a provider's message that a usage or reject row keeps.
@@ -148,6 +149,18 @@ class RequestTooLargeError(ProviderError):
 
 class FatalProviderError(ProviderError):
     """No request can succeed: bad key, no access, no quota, unknown model or endpoint."""
+
+
+def option_strings(value: Any) -> Iterator[str]:
+    """Every string in a (nested) storage-options mapping: what a backend may echo back."""
+    if isinstance(value, str):
+        yield value
+    elif isinstance(value, Mapping):
+        for item in value.values():
+            yield from option_strings(item)
+    elif isinstance(value, (list, tuple)):
+        for item in value:
+            yield from option_strings(item)
 
 
 def redact(text: str, *secrets: str | None) -> str:

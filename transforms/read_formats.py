@@ -24,7 +24,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from fsspec.core import OpenFile
 
-from transforms.errors import redact
+from transforms.errors import option_strings, redact
 from transforms.sections import InputConfig
 from transforms.types import (
     INVALID_UTF8,
@@ -559,16 +559,7 @@ def _describe(exc: BaseException, storage_options: Mapping[str, Any]) -> str:
 
     Storage options may hold credentials, and backends echo their arguments in error messages.
     """
-    message = redact(str(exc), *_strings_in(storage_options))
+    message = redact(str(exc), *option_strings(storage_options))
     return f"{type(exc).__name__}: {message}" if message else type(exc).__name__
 
 
-def _strings_in(value: Any) -> Iterator[str]:
-    if isinstance(value, str):
-        yield value
-    elif isinstance(value, Mapping):
-        for item in value.values():
-            yield from _strings_in(item)
-    elif isinstance(value, (list, tuple)):
-        for item in value:
-            yield from _strings_in(item)
