@@ -196,6 +196,7 @@ def _describe(err: ErrorDetails) -> tuple[str, str]:
 
 
 def _check_cross_rules(cfg: Config) -> None:
+    cfg.provider.check_mode()
     cfg.provider.check()
     _check_tokenizer_file(cfg)
     provider_cls = get_provider_class(cfg.provider.kind)

@@ -133,7 +133,18 @@ def embed_settings(cfg: Config, ctx: RunContext, cache: CacheSpec | None = None,
         workers=ctx.workers,
         served_dim=ctx.served_dim,
         output=(output.path, output.storage_options, output.run_id) if output else None,
+        batch_key=batch_key(cfg, ctx.served_dim) if cfg.provider.mode == "batch" else None,
     )
+
+
+def batch_key(cfg: Config, served_dim: int | None = None) -> str:
+    """What batch mode's ``metadata`` names a batch by: this output and these vectors.
+
+    A re-run of the same command finds its batches by it; a run into another output, or with
+    another model or dimension, never takes a batch that is not its own.
+    """
+    key = {"output": cfg.output.path.rstrip("/"), "namespace": namespace_key(cfg, served_dim)}
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:32]
 
 
 def batch_caps(cfg: Config) -> BatchCaps:

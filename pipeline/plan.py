@@ -127,12 +127,19 @@ def make_plan(cfg: Config, beam_args: list[str]) -> dict[str, Any]:
     tokens, requests = plan["tokens"], plan["requests"]
     limits = cfg.limits
     price = cfg.provider.price_per_million_tokens
+    discount = getattr(cfg.provider, "batch_discount", 0.5)  # kind openai's key
     plan.update(
         provider=cfg.provider.kind,
         model=cfg.provider.model,
         tokenizer=cfg.split.tokenizer,
         estimated_cost=None if price is None else tokens / 1e6 * price,
         price_per_million_tokens=price,
+        mode=cfg.provider.mode,
+        # Batch mode: the same tokens at the discount, in batches of batch_max_inputs inputs.
+        estimated_batch_cost=(None if price is None
+                              else tokens / 1e6 * price * discount),
+        batch_discount=discount,
+        batches=-(-plan["chunks"] // getattr(cfg.provider, "batch_max_inputs", 50_000)),
         ideal_wall_s=round(60.0 * max(tokens / limits.tokens_per_minute,
                                       requests / limits.requests_per_minute), 3),
         planning_s=round(time.monotonic() - t0, 3),
@@ -144,6 +151,9 @@ def plan_lines(plan: dict[str, Any]) -> list[str]:
     cost = (f"${plan['estimated_cost']:.4f} at ${plan['price_per_million_tokens']}/M tokens"
             if plan["estimated_cost"] is not None
             else "unknown (set provider.price_per_million_tokens)")
+    if plan["estimated_batch_cost"] is not None:
+        cost += (f" online; ${plan['estimated_batch_cost']:.4f} in batch mode "
+                 f"({plan['batch_discount']}x the price)")
     reasons = ", ".join(f"{k}={v}" for k, v in plan["rejects_by_reason"].items()) or "none"
     return [
         f"plan for {plan['provider']} {plan['model']} (tokens by {plan['tokenizer']}):",
@@ -154,5 +164,7 @@ def plan_lines(plan: dict[str, Any]) -> list[str]:
         f"  tokens     {plan['tokens']}",
         f"  requests   {plan['requests']}",
         f"  cost       {cost}",
-        f"  ideal time {plan['ideal_wall_s']:.1f}s at the configured limits",
+        (f"  ideal time {plan['ideal_wall_s']:.1f}s at the configured limits"
+         if plan["mode"] == "online" else
+         f"  batches    {plan['batches']} (mode: batch), answered within the completion window"),
     ]

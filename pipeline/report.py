@@ -36,6 +36,14 @@ def summary_lines(manifest: dict[str, Any], cfg: Config, wall_s: float,
         f" by the provider's count ({cfg.provider.kind} {manifest.get('model')}, "
         f"dim {manifest.get('dimensions')})"),
     ]
+    batch = manifest.get("batch")
+    if batch:
+        cost = batch.get("cost")
+        lines.append(
+            f"  batches    {len(batch.get('batches', []))} ({batch.get('lines', 0)} request lines, "
+            f"{batch.get('prompt_tokens', 0)} tokens at {batch.get('discount')}x the price, "
+            f"{batch.get('online_prompt_tokens', 0)} online); cost "
+            + (f"${cost:.4f}" if cost is not None else "unknown (set provider.price_per_million_tokens)"))
     units = _units(metrics, cfg)
     if units:
         lines.append(units)

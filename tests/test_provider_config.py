@@ -34,16 +34,21 @@ SHARED = {
     "kind", "base_url", "model", "api_key_env", "dimensions", "encoding_format", "timeout_s",
     "max_inputs_per_request", "max_tokens_per_request", "max_bytes_per_request",
     "max_input_tokens", "auth_header", "auth_scheme", "extra_headers",
-    "price_per_million_tokens", "preflight", "normalize",
+    "price_per_million_tokens", "preflight", "normalize", "mode",
 }
+#: Batch mode's keys (docs/batch.md): OpenAI's Batch API is kind openai's alone.
+BATCH = {"batch_poll_interval_s", "batch_completion_window", "batch_discount",
+         "batch_max_inputs", "batch_max_open"}
 #: Every ``provider`` key, by the kinds it applies to.
 KEYS = {
-    "openai": SHARED | {"api_version", "send_dimensions"},
+    "openai": SHARED | {"api_version", "send_dimensions"} | BATCH,
     "ark": SHARED,
     "envelope": SHARED | {"send_dimensions", "parameters", "poll_path", "poll_timeout_s"},
 }
 #: A value each kind-specific key accepts.
 SAMPLE = {"api_version": "2024-10-21", "send_dimensions": False,
+          "batch_poll_interval_s": 5, "batch_completion_window": "24h", "batch_discount": 0.4,
+          "batch_max_inputs": 1000, "batch_max_open": 2,
           "parameters": {"instruction": "query"}, "poll_path": "/v2/jobs/{id}",
           "poll_timeout_s": 30}
 

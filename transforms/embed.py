@@ -162,9 +162,13 @@ class EmbedChunksFn(beam.DoFn):
             yield from self._route()
 
     def finish_bundle(self) -> Iterator[object]:
+        assert self._session is not None
         outputs = [*self._route(), *self._submit(self._packer.flush())]
+        self._session.flush()  # batch mode: the open batch goes out now
         while self._inflight:
             outputs.extend(self._emit(*self._inflight.popleft()))
+        outputs.extend(beam.pvalue.TaggedOutput(tags.USAGE, row)
+                       for row in self._session.take_usage())
         if self._claimed:  # every claim is settled by the answer of the chunk that holds it
             raise AssertionError(f"{len(self._claimed)} chunks were left waiting for a vector")
         outputs.append(beam.pvalue.TaggedOutput(tags.CACHE, self._counts.as_tuple()))
@@ -216,7 +220,8 @@ class EmbedChunksFn(beam.DoFn):
         assert self._session is not None
         for request in requests:
             self._inflight.append((request, self._session.submit(request)))
-            while len(self._inflight) >= self.settings.max_concurrency:
+            while len(self._inflight) >= self._session.window:
+                self._session.flush()  # batch mode: what waits must be on its way first
                 wait([f for _, f in self._inflight], return_when=FIRST_COMPLETED)
                 for item in [x for x in self._inflight if x[1].done()]:
                     self._inflight.remove(item)

@@ -35,6 +35,7 @@ import logging
 import os
 import socket
 import threading
+import typing
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -96,6 +97,9 @@ class EmbedSettings:
     # Where the run's output goes, as (URL, storage options, run id): its marker is rewritten
     # every few seconds, so a dead output store stops the run (None: not watched, the preflight).
     output: tuple[str, tuple[tuple[str, object], ...], str] | None = None
+    # Batch mode: the digest of the output and the namespace, in every batch's metadata, by
+    # which a later process finds the batches submitted for this output.
+    batch_key: str | None = None
 
 
 @dataclass
@@ -198,6 +202,18 @@ class EmbedSession:
     def submit(self, batch: RequestBatch) -> Future[BatchOutcome]:
         """Embed ``batch`` on the session's thread pool."""
         return self._executor.submit(self.embed_batch, batch)
+
+    @property
+    def window(self) -> int:
+        """How many submitted requests the stage may keep waiting: those in flight."""
+        return self.settings.max_concurrency
+
+    def flush(self) -> None:
+        """Nothing is held back online (batch mode's session seals its open batch here)."""
+
+    def take_usage(self) -> list[UsageRecord]:
+        """Rows no outcome carries: none online (batch mode's re-attached lines)."""
+        return []
 
     # -- one batch -------------------------------------------------------------------------
 
@@ -347,12 +363,22 @@ _SESSIONS_LOCK = threading.Lock()
 
 
 def acquire_session(settings: EmbedSettings) -> EmbedSession:
-    """The process's session for ``settings.run_id``, created on first use; pair with release."""
+    """The process's session for ``settings.run_id``, created on first use; pair with release.
+
+    ``provider.mode: batch`` gets a :class:`~transforms.batch_session.BatchSession`, which has
+    the same face to the stage (``submit``, ``flush``, ``window``, ``cache``, ``close``).
+    """
     with _SESSIONS_LOCK:
         session, users = _SESSIONS.get(settings.run_id, (None, 0))
         if session is None:
             key_env = settings.provider.api_key_env
-            session = EmbedSession(settings, api_key=os.environ.get(key_env) if key_env else None)
+            api_key = os.environ.get(key_env) if key_env else None
+            if settings.provider.mode == "batch":
+                from transforms.batch_session import BatchSession  # imports this module
+
+                session = typing.cast(EmbedSession, BatchSession(settings, api_key=api_key))
+            else:
+                session = EmbedSession(settings, api_key=api_key)
         _SESSIONS[settings.run_id] = (session, users + 1)
         return session
 

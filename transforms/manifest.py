@@ -199,9 +199,36 @@ def build_manifest(
             "total_tokens": usage.get("total_tokens", 0),
         },
         "cache": cache or {"enabled": False},
+        **batch_section(json.loads(run.config).get("provider", {}), usage),
         "config": json.loads(run.config),
         "files": [{"kind": f.kind, "path": f.path, "rows": f.rows} for f in files],
     }
+
+
+def batch_section(provider: Mapping[str, Any], usage: Counter[str]) -> dict[str, Any]:
+    """Batch mode's figures (``{"batch": {...}}``), or nothing for an online run.
+
+    ``batches`` lists every batch whose lines this run harvested (created by it or re-attached
+    from a process that died); a later run of the same output skips them when it re-attaches.
+    ``cost`` prices the ``ok`` tokens: batch lines at ``batch_discount`` times
+    ``price_per_million_tokens``, the online fallbacks (bisection) at the full price.
+    """
+    if provider.get("mode") != "batch":
+        return {}
+    price = provider.get("price_per_million_tokens")
+    discount = float(provider.get("batch_discount", 0.5))
+    batch_tokens = usage.get("batch_prompt_tokens", 0)
+    online_tokens = usage.get("prompt_tokens", 0) - batch_tokens
+    cost = None if price is None else round(
+        (batch_tokens * discount + online_tokens) * float(price) / 1e6, 6)
+    return {"batch": {
+        "batches": sorted(k.split(":", 1)[1] for k in usage if k.startswith("batch_id:")),
+        "lines": usage.get("batch_lines", 0),
+        "prompt_tokens": batch_tokens,
+        "online_prompt_tokens": online_tokens,
+        "discount": discount,
+        "cost": cost,
+    }}
 
 
 def document_counts(records_read: int, rejects_by_reason: Mapping[str, int], read_rejects: int,

@@ -247,6 +247,9 @@ class UsageRecord:
     #: The model the answer named (None: it named none, or there was no answer); ``model`` is
     #: the configured one.
     served_model: str | None = None
+    #: ``online``, or ``batch`` for a line of an OpenAI batch (``batch_id`` names the batch).
+    mode: str = "online"
+    batch_id: str | None = None
 
 
 @dataclass(frozen=True, slots=True)

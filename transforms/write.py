@@ -87,6 +87,9 @@ USAGE_SCHEMA = pa.schema([
     # An extension of the contract, last so positional readers keep working: the model the
     # answer named (``model`` is the configured one).
     ("served_model", pa.string()),
+    # Batch mode (provider.mode: batch): "batch" and the batch that answered the line.
+    ("mode", pa.string()),
+    ("batch_id", pa.string()),
 ])
 
 
@@ -220,6 +223,21 @@ def usage_stats(table: pa.Table) -> Counter[str]:
         "throttled": int(pc.sum(pc.equal(table.column("http_status"), 429)).as_py() or 0),
         "prompt_tokens": int(pc.sum(pc.filter(table.column("prompt_tokens"), ok)).as_py() or 0),
         "total_tokens": int(pc.sum(pc.filter(table.column("total_tokens"), ok)).as_py() or 0),
+        **batch_usage_stats(table, ok),
+    })
+
+
+def batch_usage_stats(table: pa.Table, ok: pa.ChunkedArray) -> Counter[str]:
+    """Batch mode's share of a usage file: lines, ``ok`` lines' tokens, and each batch id."""
+    lines = pc.equal(table.column("mode"), "batch")
+    if not pc.any(lines).as_py():
+        return Counter()
+    ids = pc.filter(table.column("batch_id"), lines).drop_null().unique().to_pylist()
+    return Counter({
+        "batch_lines": int(pc.sum(lines).as_py() or 0),
+        "batch_prompt_tokens": int(pc.sum(pc.filter(
+            table.column("prompt_tokens"), pc.and_(ok, lines))).as_py() or 0),
+        **{f"batch_id:{batch}": 1 for batch in ids},
     })
 
 

@@ -29,7 +29,7 @@ from __future__ import annotations
 import fnmatch
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import ClassVar, Literal
 
 import httpx
 import numpy as np
@@ -116,6 +116,8 @@ class ArkConfig(BaseProviderConfig):
     """
 
     kind: Literal["ark"] = "ark"
+    batch_refusal: ClassVar[str | None] = (
+        "Volcengine Ark documents batch inference for chat models only, not for embeddings")
 
     def check(self) -> None:
         """Refuse a reduced size the model does not document, before any request is sent."""

@@ -20,9 +20,11 @@ A leaf module (pydantic only), so every provider module may import it.
 from __future__ import annotations
 
 import re
-from typing import Literal
+from typing import ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from transforms.errors import ConfigError
 
 _VARIABLE_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,127}")
 
@@ -85,6 +87,13 @@ class BaseProviderConfig(BaseModel):
     price_per_million_tokens: float | None = Field(None, ge=0)
     # One tiny request before the pipeline starts, so a bad key or model fails in seconds.
     preflight: bool = True
+    # How requests reach the provider: one HTTP request each (online), or OpenAI's Batch API
+    # (batch: uploaded files of requests, answered within a completion window at a discount,
+    # with a quota of its own; its keys are kind openai's). Kinds without a batch API refuse it (batch_refusal).
+    mode: Literal["online", "batch"] = "online"
+
+    #: Why this kind has no batch mode (None: it has one); ``mode: batch`` is then refused.
+    batch_refusal: ClassVar[str | None] = None
 
     @field_validator("base_url")
     @classmethod
@@ -103,6 +112,12 @@ class BaseProviderConfig(BaseModel):
                 "digits and _, e.g. OPENAI_API_KEY), not the key itself; its value is not shown "
                 "here. Export the key in a variable and put that variable's name here")
         return v
+
+    def check_mode(self) -> None:
+        """Refuse ``mode: batch`` for a kind without a batch API, saying why (exit 2)."""
+        if self.mode == "batch" and self.batch_refusal is not None:
+            raise ConfigError(f"batch mode is not available for kind {self.kind}: "
+                              f"{self.batch_refusal}; use mode: online", key="provider.mode")
 
     def check(self) -> None:
         """Raise :class:`~transforms.errors.ConfigError` for settings this API cannot honour.

@@ -54,7 +54,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 from urllib.parse import quote
 
 import httpx
@@ -198,6 +198,9 @@ class EnvelopeConfig(BaseProviderConfig):
     """
 
     kind: Literal["envelope"] = "envelope"
+    batch_refusal: ClassVar[str | None] = (
+        "the envelope API has no batch endpoint (its queued jobs, poll_path, are already "
+        "waited for in online mode)")
     send_dimensions: bool = True
     # Sent as-is as the body's "parameters" when non-empty.
     parameters: dict[str, Any] = Field(default_factory=dict)

@@ -25,6 +25,7 @@ from collections.abc import Sequence
 from typing import ClassVar, Literal
 
 import httpx
+from pydantic import Field
 
 from transforms.errors import MalformedResponseError
 from transforms.providers.base import (
@@ -48,6 +49,15 @@ class OpenAIConfig(BaseProviderConfig):
     kind: Literal["openai"] = "openai"
     api_version: str | None = None
     send_dimensions: bool = True
+    # provider.mode: batch (docs/batch.md): how often each open batch is asked its state, the
+    # batches' completion_window, the batch price over the online one (plan, manifest, summary),
+    # inputs per batch (OpenAI's cap is 50,000: smaller batches finish and fail in smaller
+    # pieces), and how many batches one worker fills and waits for at once (memory: their chunks).
+    batch_poll_interval_s: float = Field(60, gt=0)
+    batch_completion_window: str = Field("24h", pattern=r"^[1-9][0-9]*h$")
+    batch_discount: float = Field(0.5, ge=0, le=1)
+    batch_max_inputs: int = Field(50_000, gt=0, le=50_000)
+    batch_max_open: int = Field(4, gt=0)
 
 
 class OpenAIProvider(Provider):
