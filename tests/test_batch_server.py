@@ -19,7 +19,7 @@ import pytest
 
 from pipeline.local_batch import BatchServer, Limits
 from pipeline.local_multipart import parse_multipart
-from pipeline.local_server import DEFAULT_MODEL, ApiError
+from pipeline.local_server import DEFAULT_MODEL, ApiError, error_reply
 
 KEY = "sk-batch-test"
 BATCH_FIELDS = {
@@ -479,3 +479,15 @@ def test_accounting_holds_under_concurrent_clients(server: BatchServer) -> None:
     assert sorted(batch.metadata["worker"] for batch in stats.batches if batch.metadata) == [
         str(n) for n in range(8)]
     assert server.stats.inputs == 80 and stats.tokens_billed == server.stats.tokens
+
+
+def test_the_online_endpoint_keeps_its_faults_and_poison() -> None:
+    busy = error_reply(503, "busy", error_type="server_error")
+    server = BatchServer(api_key=KEY, poison="<<p>>", faults={1: busy})
+    with server, client_for(server) as client:
+        body = {"model": DEFAULT_MODEL, "input": ["x"]}
+        assert client.post("/embeddings", json=body).status_code == 503
+        assert client.post("/embeddings", json=body).status_code == 200
+        poisoned = client.post("/embeddings", json={**body, "input": ["a <<p>>"]})
+        assert poisoned.status_code == 400
+    assert server.stats.texts == ("x",) and server.batch_stats.lines == {}
