@@ -44,7 +44,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
-from pipeline.local_base import ApiError, Reply
+from pipeline.local_base import ApiError, Injection, Reply
 from pipeline.local_batch_faults import BatchFaults, LinePredicate
 from pipeline.local_batch_jobs import (
     ACTIVE_STATUSES,
@@ -143,7 +143,9 @@ class BatchServer(EmbeddingServer):
     caps by default), ``shuffle`` (output lines and each body's ``data`` in random order, from
     ``seed``), ``enqueued_token_limit`` (fail a batch with ``token_limit_exceeded`` when its
     tokens and those of the batches in progress exceed it) and ``clock`` (the timestamps, and
-    progress by wall time).
+    progress by wall time). ``faults`` and ``poison`` are the base's: ``faults`` scripts the
+    online ``/v1/embeddings`` answers only, ``poison`` refuses online requests and batch lines.
+    Lines cut off by expiry or a cancel are not counted in ``request_counts.failed``.
     """
 
     BASE_PATH: ClassVar[str] = "/v1"
@@ -156,6 +158,7 @@ class BatchServer(EmbeddingServer):
         api_key: str | None = None,
         model: str = DEFAULT_MODEL,
         *,
+        faults: Mapping[int, Injection] | None = None,
         poison: str | Iterable[str] | None = None,
         progress: Progress = "poll",
         step_s: float = 1.0,
@@ -166,7 +169,7 @@ class BatchServer(EmbeddingServer):
         enqueued_token_limit: int | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
-        super().__init__(host, port, dim, api_key, model, poison=poison)
+        super().__init__(host, port, dim, api_key, model, faults=faults, poison=poison)
         if progress not in ("poll", "time", "manual"):
             raise ValueError(f"progress must be 'poll', 'time' or 'manual', got {progress!r}")
         if lines_per_step is not None and lines_per_step < 1:

@@ -14,6 +14,8 @@ names, so ``from pipeline.local_server import EmbeddingServer`` is all a caller 
   :class:`FaultSchedule` and the one :class:`Poison` facility every dialect uses; its bytes on
   the wire are in :mod:`pipeline.local_wire`;
 - :mod:`pipeline.local_openai`: :class:`EmbeddingServer`, OpenAI's dialect, as strict as OpenAI;
+- :mod:`pipeline.local_batch`: :class:`BatchServer`, the same plus OpenAI's Files and Batches API,
+  with batch faults and accounting (for ``provider.mode: batch``);
 - :mod:`pipeline.local_cli`: ``embedpipe serve-local`` (also ``python -m pipeline.local_server``).
 
 Test servers for other dialects and faults build on the same base (``tests/support/``)::
@@ -37,6 +39,7 @@ from pipeline.local_base import (
     ServerStats,
     error_reply,
 )
+from pipeline.local_batch import BatchServer, BatchStats
 from pipeline.local_cli import DEFAULT_CLI_PORT, serve_local_main, serve_until_interrupted
 from pipeline.local_model import (
     DEFAULT_DIM,
@@ -53,6 +56,8 @@ __all__ = [
     "DEFAULT_DIM",
     "DEFAULT_MODEL",
     "ApiError",
+    "BatchServer",
+    "BatchStats",
     "EmbeddingRequest",
     "EmbeddingServer",
     "FaultSchedule",
