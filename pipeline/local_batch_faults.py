@@ -128,13 +128,16 @@ class BatchFaults:
             self._fired[name] += times
 
     def take_fate(self) -> BatchFate:
-        """The fate of the batch being created; takes one use of each batch-level fault."""
+        """The fate of the batch being created; takes one use of each batch-level fault (an
+        expiry only from a batch that will run)."""
         with self._lock:
             validation = self._validation.pop(0) if self._validation else None
             token_limit = validation is None and self._token_limit > 0
             if token_limit:
                 self._token_limit -= 1
-            expire = self._expire.pop(0) if self._expire else None
+            # A batch that fails validation never runs: the expiry is kept for the next one.
+            runs = validation is None and not token_limit
+            expire = self._expire.pop(0) if self._expire and runs else None
             return BatchFate(validation, token_limit, expire)
 
     def note_fate(self, fate: BatchFate) -> None:

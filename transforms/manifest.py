@@ -220,7 +220,7 @@ def batch_section(provider: Mapping[str, Any], usage: Counter[str]) -> dict[str,
     batch_tokens = usage.get("batch_prompt_tokens", 0)
     online_tokens = usage.get("prompt_tokens", 0) - batch_tokens
     cost = None if price is None else round(
-        (batch_tokens * discount + online_tokens) * float(price) / 1e6, 6)
+        (batch_tokens * discount + online_tokens) * float(price) / 1e6, 9)
     return {"batch": {
         "batches": sorted(k.split(":", 1)[1] for k in usage if k.startswith("batch_id:")),
         "lines": usage.get("batch_lines", 0),

@@ -1,0 +1,197 @@
+"""Batch mode end to end: a real Beam run against the loopback Files and Batches API, with faults.
+
+The server (:class:`pipeline.local_batch.BatchServer`) fails a batch's validation, expires a
+batch with half its lines done, answers lines 500 once, answers 400 for a poison input, and
+shuffles both the output lines and each body's ``data``. Whatever it does, every valid chunk
+must end with its own text's vector, the poison chunk alone rejected, usage tokens equal to what
+the server billed, nothing embedded twice, and no batch left running.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from pipeline.local_batch import BatchServer
+from pipeline.run import PREFLIGHT_TEXT, RunRequest, execute
+from tests.support.checks import assert_run_complete
+from tests.support.corpus import corpus_patterns, long_text, write_corpus
+from tests.support.harness import MODEL, expected_chunks, make_config
+
+POISON = "XPOISONX"
+DIM = 32
+#: The preflight's one online input (pipeline.run): not a chunk of the corpus.
+BATCH = {"mode": "batch", "batch_poll_interval_s": 0.02, "max_inputs_per_request": 4}
+
+
+def add_poisoned_document(root: str) -> dict[str, str]:
+    """A multi-chunk document whose middle paragraph holds the poison marker."""
+    paragraphs = [long_text("finance", 2, 11), f"A {POISON} sentence here.",
+                  long_text("space", 2, 12)]
+    text = "\n\n".join(paragraphs)
+    with open(f"{root}/docs.jsonl", "a", encoding="utf-8") as f:
+        f.write(json.dumps({"id": "poisoned", "text": text, "lang": "en"}) + "\n")
+    return {"poisoned": text}
+
+
+def add_short_documents(root: str, n: int) -> dict[str, str]:
+    docs = {f"short-extra-{i}": f"Note {i}: " + long_text("cooking", 1, 100 + i)[:200]
+            for i in range(n)}
+    with open(f"{root}/docs.jsonl", "a", encoding="utf-8") as f:
+        f.writelines(json.dumps({"id": doc_id, "text": text, "lang": "en"}) + "\n"
+                     for doc_id, text in docs.items())
+    return docs
+
+
+def batch_config(root: str, out: str, server: BatchServer, **provider: Any):
+    return make_config(corpus_patterns(root), out, server.base_url,
+                       provider={**BATCH, **provider}, output={"include_text": True})
+
+
+def embedded_once(server: BatchServer, texts: set[str]) -> None:
+    """Every text of ``texts`` embedded exactly once, online or in a batch; no other text
+    but the preflight's (one per run)."""
+    served = Counter(server.stats.texts)
+    extra = {t: n for t, n in served.items() if t not in texts and t != PREFLIGHT_TEXT}
+    assert not extra, extra
+    twice = {t: n for t, n in served.items() if t in texts and n != 1}
+    assert not twice, list(twice.items())[:3]
+    assert set(served) >= texts
+
+
+def test_every_batch_fault_at_once(tmp_path: Path) -> None:
+    root = str(tmp_path / "corpus")
+    expected = write_corpus(root).plus(add_poisoned_document(root)).plus(
+        add_short_documents(root, 60))
+    chunks = expected_chunks(expected.documents)
+    poisoned = {i for i, text in chunks.items() if POISON in text}
+    assert poisoned and len([i for i in chunks if i.startswith("poisoned#")]) > len(poisoned)
+
+    with BatchServer(dim=DIM, model=MODEL, poison=POISON, shuffle=True) as server:
+        # The first batch fails validation, naming its second line (ours to fix: it goes
+        # online); the next one expires with half its lines done; three lines answer 500 once.
+        server.fail_validation(1, errors=[{"code": "invalid_request", "param": "body.input",
+                                           "message": "line 2 is not acceptable", "line": 2}])
+        server.expire_next(1)
+        server.fail_lines_500(3)
+        out = str(tmp_path / "out")
+        cfg = batch_config(root, out, server, batch_max_inputs=60,
+                           price_per_million_tokens=0.02)
+        code = execute(RunRequest(cfg, quiet=True))
+        stats = server.batch_stats
+        running = server.running()
+        online_tokens = server.stats.tokens
+
+    assert code == 1  # the poison
+    for fault in ("validation", "expire", "line_500", "poison", "shuffle"):
+        assert stats.faults.get(fault, 0) > 0, (fault, stats.faults)
+    assert running == []
+    assert len(stats.batches) >= 4 and stats.by_status().get("completed", 0) >= 2
+
+    # Every valid chunk has its own text's vector, once; the poison chunks alone are rejected.
+    run = assert_run_complete(out, expected, dim=DIM, failed=poisoned)
+    assert {r["reason"] for r in run.embed_rejects.values()} == {"provider_rejected"}
+    embedded_once(server, {t for i, t in chunks.items() if i not in poisoned})
+
+    # Usage: one row per line result; the ok rows' tokens are what the server billed.
+    usage = run.tables["usage"].to_pylist()
+    batch_rows = [u for u in usage if u["mode"] == "batch"]
+    ok_batch = [u for u in batch_rows if u["outcome"] == "ok"]
+    assert sum(u["prompt_tokens"] for u in ok_batch) == stats.tokens_billed
+    assert len(ok_batch) == stats.lines["ok"]
+    assert sum(u["prompt_tokens"] for u in run.ok_usage) == online_tokens
+    assert {u["batch_id"] for u in batch_rows} <= set(stats.batch_ids)
+    assert all(u["batch_id"] is None for u in usage if u["mode"] == "online")
+    # The manifest's batch figures.
+    section = run.manifest["batch"]
+    assert section["lines"] == len(batch_rows)
+    assert section["prompt_tokens"] == stats.tokens_billed
+    assert section["batches"] == sorted({u["batch_id"] for u in batch_rows})
+    assert section["cost"] == pytest.approx(
+        (section["prompt_tokens"] * 0.5 + section["online_prompt_tokens"]) * 0.02 / 1e6)
+
+
+def test_a_run_killed_while_its_batch_is_in_flight_reattaches_instead_of_resubmitting(
+        tmp_path: Path) -> None:
+    root = str(tmp_path / "corpus")
+    expected = write_corpus(root).plus(add_short_documents(root, 30))
+    chunks = expected_chunks(expected.documents)
+    out = str(tmp_path / "out")
+    with BatchServer(dim=DIM, model=MODEL, shuffle=True) as server:
+        server.hold()  # the batch stays in_progress until released
+        cfg = batch_config(root, out, server)
+        config = tmp_path / "config.json"
+        config.write_text(json.dumps(cfg.model_dump(by_alias=True, mode="json")))
+        child = subprocess.Popen(
+            [sys.executable, "-m", "pipeline", "run", "--config", str(config), "--quiet"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+        deadline = time.monotonic() + 120
+        while not any(b.status == "in_progress" for b in server.batch_stats.batches):
+            assert child.poll() is None, child.stderr.read() if child.stderr else ""
+            assert time.monotonic() < deadline, "no batch reached in_progress"
+            time.sleep(0.05)
+        os.killpg(child.pid, signal.SIGKILL)
+        child.wait(timeout=30)
+        before = server.batch_stats
+        assert len(before.batches) == 1 and before.lines == {}  # nothing answered yet
+        assert not (Path(out) / "manifest.json").exists()
+
+        server.release()
+        code = execute(RunRequest(cfg, quiet=True))
+        after = server.batch_stats
+        running = server.running()
+
+    assert code == 0
+    # No second batch for the same inputs: the re-run waited for the first one.
+    assert after.batch_ids == before.batch_ids
+    assert running == []
+    run = assert_run_complete(out, expected, dim=DIM)
+    embedded_once(server, set(chunks.values()))
+    assert run.manifest["batch"]["batches"] == list(before.batch_ids)
+    ok_batch = [u for u in run.ok_usage if u["mode"] == "batch"]
+    assert sum(u["prompt_tokens"] for u in ok_batch) == after.tokens_billed
+    assert {u["batch_id"] for u in ok_batch} == set(before.batch_ids)
+
+
+def test_a_create_whose_answer_is_lost_is_found_by_its_metadata(tmp_path: Path) -> None:
+    root = str(tmp_path / "corpus")
+    expected = write_corpus(root)
+    out = str(tmp_path / "out")
+    with BatchServer(dim=DIM, model=MODEL) as server:
+        server.lose_create_reply(1)
+        code = execute(RunRequest(batch_config(root, out, server, batch_max_inputs=40),
+                                  quiet=True))
+        stats = server.batch_stats
+    assert code == 0
+    assert stats.faults.get("lost_create") == 1
+    # One batch per part: the lost answer's batch was found, not created again.
+    parts = Counter((b.metadata or {}).get("embedpipe_part") for b in stats.batches)
+    assert set(parts.values()) == {1}
+    assert_run_complete(out, expected, dim=DIM)
+    embedded_once(server, set(expected_chunks(expected.documents).values()))
+
+
+def test_a_batch_failed_for_no_line_of_ours_aborts_and_leaves_nothing_running(
+        tmp_path: Path) -> None:
+    root = str(tmp_path / "corpus")
+    expected = write_corpus(root)
+    out = str(tmp_path / "out")
+    with BatchServer(dim=DIM, model=MODEL, progress="poll", lines_per_step=1) as server:
+        server.fail_validation(1)  # errors.data names no line: nothing for us to fix
+        code = execute(RunRequest(batch_config(root, out, server, batch_max_inputs=30),
+                                  quiet=True))
+        running = server.running()
+    assert code == 3
+    assert running == []
+    run = assert_run_complete(out, expected, dim=DIM, failed=None, status="aborted")
+    assert "scripted validation failure" in run.manifest["error"]
+    assert {r["reason"] for r in run.embed_rejects.values()} <= {"aborted"}
