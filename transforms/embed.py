@@ -26,13 +26,7 @@ import numpy as np
 from apache_beam.metrics import Metrics
 
 from transforms import tags
-from transforms.embed_session import (
-    BatchOutcome,
-    EmbedSession,
-    EmbedSettings,
-    acquire_session,
-    release_session,
-)
+from transforms.embed_session import BatchOutcome, EmbedSession, EmbedSettings
 from transforms.errors import StoreError
 from transforms.limits import PAUSE_CAUSES
 from transforms.outputs import in_global_window
@@ -42,6 +36,7 @@ from transforms.process_memory import (
     restore_garbage_collector,
     tune_garbage_collector,
 )
+from transforms.sessions import Session, acquire_session, release_session
 from transforms.types import (
     OUTCOME_OK,
     OUTCOME_RETRY,
@@ -141,7 +136,7 @@ class EmbedChunksFn(beam.DoFn):
     def __init__(self, settings: EmbedSettings, caps: BatchCaps) -> None:
         self.settings = settings
         self.caps = caps
-        self._session: EmbedSession | None = None
+        self._session: Session | None = None
         self._metrics = _EmbedMetrics()
 
     def setup(self) -> None:

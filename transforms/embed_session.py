@@ -34,8 +34,6 @@ import functools
 import logging
 import os
 import socket
-import threading
-import typing
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -350,47 +348,3 @@ def _rejects(chunks: Sequence[Chunk], reason: str, detail: str, attempts: int) -
                reason=reason, detail=detail, attempts=attempts)
         for c in chunks
     ]
-
-
-# -- the per-process session registry --------------------------------------------------------
-#
-# Deliberate module-level state: one EmbedSession per (process, run), created lazily by the first
-# DoFn that needs it and closed when the last one is torn down. Keyed by run id so that several
-# runs in one process (tests, notebooks) never share a limiter or an abort flag.
-
-_SESSIONS: dict[str, tuple[EmbedSession, int]] = {}
-_SESSIONS_LOCK = threading.Lock()
-
-
-def acquire_session(settings: EmbedSettings) -> EmbedSession:
-    """The process's session for ``settings.run_id``, created on first use; pair with release.
-
-    ``provider.mode: batch`` gets a :class:`~transforms.batch_session.BatchSession`, which has
-    the same face to the stage (``submit``, ``flush``, ``window``, ``cache``, ``close``).
-    """
-    with _SESSIONS_LOCK:
-        session, users = _SESSIONS.get(settings.run_id, (None, 0))
-        if session is None:
-            key_env = settings.provider.api_key_env
-            api_key = os.environ.get(key_env) if key_env else None
-            if settings.provider.mode == "batch":
-                from transforms.batch_session import BatchSession  # imports this module
-
-                session = typing.cast(EmbedSession, BatchSession(settings, api_key=api_key))
-            else:
-                session = EmbedSession(settings, api_key=api_key)
-        _SESSIONS[settings.run_id] = (session, users + 1)
-        return session
-
-
-def release_session(settings: EmbedSettings) -> None:
-    """Drop one user of the run's session; the last one closes it."""
-    with _SESSIONS_LOCK:
-        session, users = _SESSIONS.get(settings.run_id, (None, 0))
-        if session is None:
-            return
-        if users <= 1:
-            del _SESSIONS[settings.run_id]
-            session.close()
-        else:
-            _SESSIONS[settings.run_id] = (session, users - 1)
