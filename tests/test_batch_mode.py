@@ -25,7 +25,14 @@ from pipeline.local_batch import BatchServer
 from pipeline.run import PREFLIGHT_TEXT, RunRequest, execute
 from tests.support.checks import assert_run_complete
 from tests.support.corpus import corpus_patterns, long_text, write_corpus
+from tests.support.fakes import make_chunk
 from tests.support.harness import MODEL, expected_chunks, make_config
+from transforms.batch_session import BatchSession
+from transforms.embed_session import EmbedSettings
+from transforms.limits import RateLimits
+from transforms.pack import make_request_batch
+from transforms.providers.openai import OpenAIConfig
+from transforms.retry import RetryPolicy
 
 POISON = "XPOISONX"
 DIM = 32
@@ -120,8 +127,9 @@ def test_every_batch_fault_at_once(tmp_path: Path) -> None:
         (section["prompt_tokens"] * 0.5 + section["online_prompt_tokens"]) * 0.02 / 1e6)
 
 
+@pytest.mark.parametrize("finished_while_dead", [False, True])
 def test_a_run_killed_while_its_batch_is_in_flight_reattaches_instead_of_resubmitting(
-        tmp_path: Path) -> None:
+        tmp_path: Path, finished_while_dead: bool) -> None:
     root = str(tmp_path / "corpus")
     expected = write_corpus(root).plus(add_short_documents(root, 30))
     chunks = expected_chunks(expected.documents)
@@ -146,15 +154,24 @@ def test_a_run_killed_while_its_batch_is_in_flight_reattaches_instead_of_resubmi
         assert not (Path(out) / "manifest.json").exists()
 
         server.release()
+        if finished_while_dead:  # the batch ended while no process waited for it
+            server.complete_all()
         code = execute(RunRequest(cfg, quiet=True))
         after = server.batch_stats
         running = server.running()
+        run = assert_run_complete(out, expected, dim=DIM)
+
+        # Once committed, the batch is not taken again: a re-run is served from the cache.
+        again = cfg.model_copy(update={"output": cfg.output.model_copy(update={"overwrite": True})})
+        requests_before = server.stats.requests
+        assert execute(RunRequest(again, quiet=True)) == 0
+        assert server.batch_stats.batch_ids == before.batch_ids
+        assert server.stats.requests - requests_before == 1  # its preflight alone
 
     assert code == 0
     # No second batch for the same inputs: the re-run waited for the first one.
     assert after.batch_ids == before.batch_ids
     assert running == []
-    run = assert_run_complete(out, expected, dim=DIM)
     embedded_once(server, set(chunks.values()))
     assert run.manifest["batch"]["batches"] == list(before.batch_ids)
     ok_batch = [u for u in run.ok_usage if u["mode"] == "batch"]
@@ -195,3 +212,31 @@ def test_a_batch_failed_for_no_line_of_ours_aborts_and_leaves_nothing_running(
     run = assert_run_complete(out, expected, dim=DIM, failed=None, status="aborted")
     assert "scripted validation failure" in run.manifest["error"]
     assert {r["reason"] for r in run.embed_rejects.values()} <= {"aborted"}
+
+
+def test_more_than_50000_inputs_make_more_than_one_batch() -> None:
+    """OpenAI's cap of 50,000 inputs per batch, at the session, against the real server."""
+    texts = [f"w{i}" for i in range(50_010)]
+    with BatchServer(dim=DIM, model=MODEL) as server:
+        cfg = OpenAIConfig(base_url=server.base_url, model=MODEL, api_key_env=None,
+                           mode="batch", batch_poll_interval_s=0.02,
+                           max_inputs_per_request=1000)
+        settings = EmbedSettings(
+            run_id="cap-run", provider=cfg, limits=RateLimits(10_000, 10**9),
+            max_concurrency=2, retry=RetryPolicy(3, 0.1, 0.01), progress_interval_s=None,
+            batch_key="cap-test")
+        session = BatchSession(settings, api_key=None)
+        try:
+            futures = [session.submit(make_request_batch(tuple(
+                make_chunk(f"c{i}", 0, text) for i, text in enumerate(texts[start:start + 1000],
+                                                                     start=start))))
+                for start in range(0, len(texts), 1000)]
+            session.flush()
+            outcomes = [f.result(timeout=300) for f in futures]
+        finally:
+            session.close()
+        stats = server.batch_stats
+    assert [b.total for b in stats.batches] == [50, 1]  # lines: 50 of 1,000 inputs, then one
+    assert sum(len(batch) for o in outcomes for batch in o.batches) == len(texts)
+    assert not any(o.rejects for o in outcomes)
+    assert stats.embedded == dict.fromkeys(texts, 1)

@@ -72,7 +72,8 @@ class Harvester:
     _claims: dict[str, list[tuple[Pending, Chunk]]]
     _attached_shas: dict[str, str]
     _ready: dict[str, np.ndarray]
-    _orphan_usage: list[UsageRecord]
+    _line_rows: dict[str, UsageRecord]  # usage of re-attached lines, until a chunk takes one
+    _row_of: dict[str, str]  # sha -> the key of its re-attached line in _line_rows
     _wake: threading.Event
 
     if TYPE_CHECKING:  # BatchSession's own
@@ -253,8 +254,10 @@ class Harvester:
             return
         harvested = self._harvested_before()
         try:
+            # Not this run's own: another worker process of the run is waiting for those.
             found = [b for b in self.api.batches()
                      if b.metadata.get(OUTPUT_KEY) == key and b.id not in harvested
+                     and b.metadata.get(RUN_KEY) != self.settings.run_id
                      and b.status not in ("failed", "cancelled")]
         except ProviderError as exc:
             log.warning("cannot list earlier batches (%s): nothing is re-attached",
@@ -313,9 +316,12 @@ class Harvester:
             attempt = self._attempt(job, None, n_inputs=len(shas), custom_id=custom_id)
             row = self.online._metered.rows.answered(
                 attempt, replace(answer, provider_request_id=result.request_id))
-            self._orphan_usage.append(replace(row, mode="batch", batch_id=job.info.id))
-            for sha, vector in zip(shas, vectors, strict=True):
-                found[sha] = vector
+            key = f"{job.info.id}:{custom_id}"
+            with self._lock:
+                self._line_rows[key] = replace(row, mode="batch", batch_id=job.info.id)
+                for sha, vector in zip(shas, vectors, strict=True):
+                    found[sha] = vector
+                    self._row_of[sha] = key
         if found and self.cache is not None and self.settings.cache is not None:
             chunks = tuple(bare_chunk(sha) for sha in found)
             self.online._remember([EmbeddedBatch(chunks=chunks, model=self.settings.provider.model,
@@ -343,6 +349,7 @@ class Harvester:
                 self._settle_rejects(pending, chunks, ABORTED, aborted, 0)
                 continue
             have = [c for c in chunks if c.content_sha256 in self._ready]
+            self._take_rows(pending, have)
             if have:
                 self._settle_vectors(pending, have,
                                      np.stack([self._ready[c.content_sha256] for c in have]))
@@ -363,6 +370,20 @@ class Harvester:
             started_at=started,
             latency_ms=max(0.0, (self.clock.now() - job.started) * 1000),
         )
+
+    def _take_rows(self, pending: Pending, chunks: Sequence[Chunk]) -> None:
+        """The usage rows of the re-attached lines whose vectors ``chunks`` take, each once.
+
+        A re-attached line's row goes with the first request that uses one of its vectors, so
+        that two worker processes re-attaching the same batch do not both report it; a line no
+        chunk takes is reported at the end of the bundle by a single-process run
+        (:meth:`~transforms.batch_session.BatchSession.take_usage`).
+        """
+        with self._lock:
+            for chunk in chunks:
+                row = self._line_rows.pop(self._row_of.get(chunk.content_sha256, ""), None)
+                if row is not None:
+                    pending.outcome.usage.append(row)
 
     def _usage(self, pending: Pending, row: UsageRecord, job: Job) -> None:
         with self._lock:
@@ -390,8 +411,6 @@ class Harvester:
             if pending.left > 0:
                 return
             out = pending.outcome
-            orphans, self._orphan_usage = self._orphan_usage, []
-            out.usage.extend(orphans)
         if self.online.abort.kind == STORE:
             out.store_failure = self.online.abort.message
         else:

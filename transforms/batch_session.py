@@ -111,7 +111,8 @@ class BatchSession(Harvester):
         self._poller = threading.Thread(target=self._poll_loop, name="embedpipe-batch-poller",
                                         daemon=True)
         self._last_progress = 0.0
-        self._orphan_usage: list[UsageRecord] = []  # rows of re-attached lines, not yet emitted
+        self._line_rows: dict[str, UsageRecord] = {}
+        self._row_of: dict[str, str] = {}
 
     # -- the stage's face --------------------------------------------------------------------
 
@@ -120,9 +121,16 @@ class BatchSession(Harvester):
         return self.online.abort
 
     def take_usage(self) -> list[UsageRecord]:
-        """Usage rows of re-attached lines no request has carried out yet (see ``_settled``)."""
+        """Usage rows of re-attached lines that no chunk of this process took (``_take_rows``).
+
+        Billed all the same (their vectors went to the cache), so a single-process run reports
+        them; with several processes each would, so none does (``docs/batch.md`` says so).
+        """
+        if self.settings.workers > 1:
+            return []
         with self._lock:
-            rows, self._orphan_usage = self._orphan_usage, []
+            rows = list(self._line_rows.values())
+            self._line_rows.clear()
         return rows
 
     def submit(self, request: RequestBatch) -> Future[BatchOutcome]:
@@ -146,6 +154,7 @@ class BatchSession(Harvester):
                 else:
                     new.append(chunk)
         if ready:
+            self._take_rows(pending, [c for c, _ in ready])
             self._settle_vectors(pending, [c for c, _ in ready], np.stack([v for _, v in ready]))
         if new:
             self._add(Line(self._custom_id(request), tuple(new), pending))
