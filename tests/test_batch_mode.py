@@ -240,3 +240,28 @@ def test_more_than_50000_inputs_make_more_than_one_batch() -> None:
     assert sum(len(batch) for o in outcomes for batch in o.batches) == len(texts)
     assert not any(o.rejects for o in outcomes)
     assert stats.embedded == dict.fromkeys(texts, 1)
+
+
+@pytest.mark.parametrize("beam_args", [
+    pytest.param(["--runner=PortableRunner", "--job_endpoint=embed",
+                  "--environment_type=LOOPBACK"], id="portable"),
+    pytest.param(["--direct_running_mode=multi_processing", "--direct_num_workers=2"],
+                 id="two-processes"),
+])
+def test_batch_mode_on_other_runners(tmp_path: Path, beam_args: list[str]) -> None:
+    """The graph is the online one: the portable runner (Flink's and Dataflow's path) and
+    several worker processes, each with its own session and batches, lose nothing."""
+    root = str(tmp_path / "corpus")
+    expected = write_corpus(root).plus(add_short_documents(root, 40))
+    out = str(tmp_path / "out")
+    with BatchServer(dim=DIM, model=MODEL, shuffle=True) as server:
+        cfg = batch_config(root, out, server, batch_max_inputs=40)
+        code = execute(RunRequest(cfg, beam_args=beam_args, quiet=True))
+        stats = server.batch_stats
+        running = server.running()
+    assert code == 0 and running == []
+    run = assert_run_complete(out, expected, dim=DIM)
+    embedded_once(server, set(expected_chunks(expected.documents).values()))
+    assert len(stats.batches) >= 2
+    ok_batch = [u for u in run.ok_usage if u["mode"] == "batch"]
+    assert sum(u["prompt_tokens"] for u in ok_batch) == stats.tokens_billed

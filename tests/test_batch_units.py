@@ -50,7 +50,7 @@ def test_batch_keys_are_checked(key: str, value: Any) -> None:
 
 
 def test_batch_keys_belong_to_kind_openai() -> None:
-    with pytest.raises(ConfigError, match="batch_max_inputs: does not apply to provider.kind 'ark'"):
+    with pytest.raises(ConfigError, match=r"batch_max_inputs: does not apply to provider\.kind 'ark'"):
         parse_config({**BASE, "provider": {"kind": "ark", "batch_max_inputs": 10}})
 
 
