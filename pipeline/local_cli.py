@@ -15,6 +15,7 @@ import sys
 from pipeline.exit_codes import EXIT_CONFIG, EXIT_OK
 from pipeline.local_base import LoopbackServer
 from pipeline.local_model import DEFAULT_DIM, DEFAULT_MODEL
+from pipeline.local_batch import BatchServer
 from pipeline.local_openai import EmbeddingServer
 from transforms.providers.config import looks_like_a_key
 
@@ -41,6 +42,12 @@ def serve_local_main(argv: list[str] | None = None) -> int:
         metavar="NAME",
         help="require 'Authorization: Bearer <key>', the key read from this environment variable",
     )
+    parser.add_argument(
+        "--batch", action="store_true",
+        help="also serve OpenAI's Files and Batches API (for provider.mode: batch); each batch "
+        "moves one state per --batch-step-s seconds")
+    parser.add_argument("--batch-step-s", type=float, default=1.0, metavar="S",
+                        help="seconds per batch state with --batch (default 1)")
     args = parser.parse_args(argv)
     if args.dim < 1:
         parser.error(f"--dim must be at least 1, got {args.dim}")
@@ -62,7 +69,9 @@ def serve_local_main(argv: list[str] | None = None) -> int:
             )
             return EXIT_CONFIG
     try:
-        server = EmbeddingServer(args.host, args.port, args.dim, api_key)
+        server = (BatchServer(args.host, args.port, args.dim, api_key, progress="time",
+                              step_s=args.batch_step_s)
+                  if args.batch else EmbeddingServer(args.host, args.port, args.dim, api_key))
     except OSError as exc:
         print(
             f"embedpipe serve-local: cannot listen on {args.host}:{args.port}: {exc.strerror}; "
@@ -70,7 +79,8 @@ def serve_local_main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return EXIT_CONFIG
-    print(f"embedpipe local server on {server.base_url} (dim={server.dim})", flush=True)
+    batch = " with the Files and Batches API" if args.batch else ""
+    print(f"embedpipe local server on {server.base_url} (dim={server.dim}){batch}", flush=True)
     serve_until_interrupted(server)
     return EXIT_OK
 

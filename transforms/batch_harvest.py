@@ -152,6 +152,10 @@ class Harvester:
                 self.provider.served_dim = int(vectors.shape[1])
             answer = replace(answer, provider_request_id=result.request_id)
             self._usage(line.pending, self.online._metered.rows.answered(attempt, answer), job)
+            if not answer.tokens_estimated:  # the summary's units check, as online
+                with self._lock:
+                    line.pending.outcome.usage_tokens += answer.prompt_tokens
+                    line.pending.outcome.usage_estimate += est_tokens
             self._settle_vectors(line.pending, list(line.chunks), vectors, remember=True)
             return None
         error = self.provider.classify_error(response)
