@@ -265,3 +265,24 @@ def test_batch_mode_on_other_runners(tmp_path: Path, beam_args: list[str]) -> No
     assert len(stats.batches) >= 2
     ok_batch = [u for u in run.ok_usage if u["mode"] == "batch"]
     assert sum(u["prompt_tokens"] for u in ok_batch) == stats.tokens_billed
+
+
+def test_a_full_token_queue_defers_the_batch_until_one_of_ours_ends(tmp_path: Path) -> None:
+    root = str(tmp_path / "corpus")
+    expected = write_corpus(root).plus(add_short_documents(root, 20))
+    out = str(tmp_path / "out")
+    with BatchServer(dim=DIM, model=MODEL) as server:
+        server.fail_token_limit(2)
+        code = execute(RunRequest(batch_config(root, out, server, batch_max_inputs=40),
+                                  quiet=True))
+        stats = server.batch_stats
+        running = server.running()
+    assert code == 0 and running == []
+    assert stats.faults.get("token_limit") == 2
+    assert stats.by_status().get("failed") == 2
+    run = assert_run_complete(out, expected, dim=DIM)
+    embedded_once(server, set(expected_chunks(expected.documents).values()))
+    # The refused lines' rows say why, and they were sent again in a later batch.
+    retried = [u for u in run.tables["usage"].to_pylist() if u["outcome"] == "retry"]
+    assert retried and all("token_limit_exceeded" in u["error"] for u in retried)
+    assert {u["attempt"] for u in run.ok_usage if u["mode"] == "batch"} >= {2}

@@ -54,6 +54,9 @@ log = logging.getLogger("transforms.batch_session")
 OUTPUT_KEY, RUN_KEY, PART_KEY = "embedpipe_output", "embedpipe_run", "embedpipe_part"
 #: A ``failed`` batch's error code that means "too many tokens queued": wait, then resubmit.
 TOKEN_LIMIT = "token_limit_exceeded"
+#: How long a batch's state or files may stay unreadable (5xx, no connection) before the run
+#: stops waiting for it: a bound on every wait, far above an API's ordinary outages.
+UNREADABLE_LIMIT_S = 3600.0
 
 
 class Harvester:
@@ -75,6 +78,7 @@ class Harvester:
     _line_rows: dict[str, UsageRecord]  # usage of re-attached lines, until a chunk takes one
     _row_of: dict[str, str]  # sha -> the key of its re-attached line in _line_rows
     _wake: threading.Event
+    _deferred: list[Line]  # lines of a batch refused for the queue's token limit
 
     if TYPE_CHECKING:  # BatchSession's own
         @property
@@ -100,10 +104,9 @@ class Harvester:
         try:
             results = self._results(info)
         except ProviderError as exc:
-            # The files cannot be read now: ask again at the next poll.
-            log.warning("batch %s: its results cannot be read yet (%s)", info.id,
-                        self.online._describe(exc))
-            return
+            if not self.unreadable(job, exc):
+                return  # asked again at the next poll
+            results = {}  # given up: every line is settled below (aborted)
         with self._lock:
             self._jobs.pop(info.id, None)
         if job.attached is not None:
@@ -123,11 +126,38 @@ class Harvester:
         if self.abort.is_set:
             self._abort_all()
             return
+        with self._lock:  # a batch of ours ended: the queue has room for the deferred lines
+            requeue.extend(self._deferred)
+            self._deferred.clear()
         if requeue:
             for line in requeue:
                 self._add(line)
             self._seal()
 
+    def unreadable(self, job: Job, exc: ProviderError) -> bool:
+        """Note that ``job`` could not be read; True once the run stops waiting for it.
+
+        A fatal answer (the key revoked) stops the run at once; anything else is asked again
+        at the next poll, for up to :data:`UNREADABLE_LIMIT_S`, then the run aborts naming it.
+        """
+        now = self.clock.now()
+        if job.unreadable_since is None:
+            job.unreadable_since = now
+        detail = self.online._describe(exc)
+        if isinstance(exc, FatalProviderError):
+            self.abort.set(self.online._redact(f"the provider refused the run: {detail}"))
+        elif now - job.unreadable_since >= UNREADABLE_LIMIT_S and not self.abort.is_set:
+            self.abort.set(self.online._redact(
+                f"batch {job.info.id} could not be read for {now - job.unreadable_since:.0f}s "
+                f"({detail}); run the same command again later to pick it up"))
+        if not self.abort.is_set:
+            log.warning("batch %s cannot be read now (%s); asking again at the next poll",
+                        job.info.id, detail)
+            return False
+        for line in job.lines.values():
+            self._settle_rejects(line.pending, line.chunks, ABORTED, self.abort.message or "", 1)
+        job.lines.clear()
+        return True
     def _lines_named_by_errors(self, job: Job) -> set[int]:
         if job.info.status != "failed":
             return set()
@@ -181,9 +211,16 @@ class Harvester:
             if named:  # validation named this line: online, where it gets a real answer
                 self._online(line)
                 return None
-            if TOKEN_LIMIT in codes or any(isinstance(e.get("line"), int)
-                                           for e in job.info.errors):
+            if any(isinstance(e.get("line"), int) for e in job.info.errors):
                 return line  # innocent: resubmitted as it was
+            if TOKEN_LIMIT in codes:  # the queue is full: wait for a batch of ours to end
+                again = self._retry_later(job, line, self._attempt(job, line), RetryableError(
+                    f"batch {job.info.id} failed: the organisation's queue of enqueued tokens "
+                    "is full (token_limit_exceeded)"))
+                if again is not None:
+                    with self._lock:
+                        self._deferred.append(again)
+                return None
             described = "; ".join(f"{e.get('code')}: {e.get('message')}"
                                   for e in job.info.errors) or "no reason given"
             self._fatal(job, line, self._attempt(job, line),

@@ -46,6 +46,7 @@ class Job:
     attached: dict[str, list[str]] | None = None  # custom_id -> content sha256 per input
     started: float = 0.0  # when it was created (or found), on the session's clock
     cancelled_by_us: bool = False
+    unreadable_since: float | None = None  # the Batch API has not answered about it since then
 
 
 def sha256_of(text: str) -> str:

@@ -51,7 +51,7 @@ from transforms.batch_harvest import OUTPUT_KEY, PART_KEY, RUN_KEY, TOKEN_LIMIT,
 from transforms.batch_lines import MAX_FILE_BYTES, MAX_LINES, request_line
 from transforms.batch_records import Job, Line, Pending
 from transforms.embed_session import BatchOutcome, EmbedSession, EmbedSettings
-from transforms.errors import FatalProviderError, ProviderError, RetryableError
+from transforms.errors import FatalProviderError, ProviderError
 from transforms.limits import MONOTONIC, Clock
 from transforms.providers.openai import OpenAIConfig
 from transforms.types import ABORTED, RETRIES_EXHAUSTED, Chunk, RequestBatch, UsageRecord
@@ -104,7 +104,7 @@ class BatchSession(Harvester):
         self._parts = 0
         self.created: list[str] = []
         self.reattached: list[str] = []
-        self._states: Counter[str] = Counter()
+        self._deferred: list[Line] = []
         self._started = False
         self._closed = threading.Event()
         self._wake = threading.Event()
@@ -273,18 +273,24 @@ class BatchSession(Harvester):
     def _poll_once(self) -> None:
         if self.abort.is_set:
             self._abort_all()
-        for job in list(self._jobs.values()):
+        with self._lock:
+            jobs = list(self._jobs.values())
+            waiting = bool(self._deferred) and not any(j.attached is None for j in jobs)
+            deferred, self._deferred = (self._deferred, []) if waiting else ([], self._deferred)
+        for line in deferred:  # no batch of ours left to wait for: resubmit them now
+            self._add(line)
+        if deferred:
+            self._seal()
+        for job in jobs:
             try:
                 info = self.api.get(job.info.id)
-            except FatalProviderError as exc:
-                self.abort.set(self.online._redact(
-                    f"the provider refused the run: {self.online._describe(exc)}"))
-                self._abort_all()
-                return
-            except RetryableError as exc:
-                log.warning("batch %s: no state this time (%s); asking again later",
-                            job.info.id, self.online._describe(exc))
+            except ProviderError as exc:
+                if self.unreadable(job, exc):
+                    with self._lock:
+                        self._jobs.pop(job.info.id, None)
+                    self._abort_all()
                 continue
+            job.unreadable_since = None
             if info.status != job.info.status:
                 log.info("batch %s: %s (%d/%d requests done, %d failed)", info.id, info.status,
                          info.completed, info.total, info.failed)
@@ -326,10 +332,13 @@ class BatchSession(Harvester):
             try:
                 job.info = self.api.cancel(job.info.id)
                 log.warning("batch %s cancelled: %s", job.info.id, message)
-            except ProviderError as exc:  # it can still finish; its lines end as rejects then
+            except ProviderError as exc:
+                # Ended meanwhile (the cancel answers 409): harvested at the next poll, what it
+                # finished kept. Otherwise its lines end as rejects now.
                 log.warning("batch %s could not be cancelled: %s", job.info.id,
                             self.online._describe(exc))
-                for line in job.lines.values():
-                    self._settle_rejects(line.pending, line.chunks, ABORTED, message, 1)
-                job.lines.clear()
+                if exc.http_status != 409:
+                    for line in job.lines.values():
+                        self._settle_rejects(line.pending, line.chunks, ABORTED, message, 1)
+                    job.lines.clear()
         self._wake.set()
