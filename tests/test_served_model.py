@@ -88,7 +88,8 @@ def test_an_answer_without_a_model_records_none() -> None:
 
 
 def test_the_usage_schema_extends_the_contract_at_its_end() -> None:
-    assert USAGE_SCHEMA.names[-1] == "served_model"
+    # served_model came after the contract's columns; batch mode's two (issue 13) after it.
+    assert USAGE_SCHEMA.names[-3:] == ["served_model", "mode", "batch_id"]
     assert USAGE_SCHEMA.names[:3] == ["request_id", "provider_request_id", "model"]
 
 
