@@ -39,13 +39,16 @@ SHARED = {
 #: Every ``provider`` key, by the kinds it applies to.
 KEYS = {
     "openai": SHARED | {"api_version", "send_dimensions"},
-    "ark": SHARED,
-    "envelope": SHARED | {"send_dimensions", "parameters", "poll_path", "poll_timeout_s"},
+    "ark": SHARED | {"multimodal", "sparse"},
+    "envelope": SHARED | {"send_dimensions", "parameters", "poll_path", "poll_timeout_s",
+                          "multimodal"},
 }
 #: A value each kind-specific key accepts.
 SAMPLE = {"api_version": "2024-10-21", "send_dimensions": False,
           "parameters": {"instruction": "query"}, "poll_path": "/v2/jobs/{id}",
-          "poll_timeout_s": 30}
+          "poll_timeout_s": 30,
+          # Issue 14's keys; false, as true needs input.image_field (tests/test_multimodal_config).
+          "multimodal": False, "sparse": False}
 
 
 def provider(**fields: Any) -> dict[str, Any]:
