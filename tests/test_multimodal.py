@@ -156,9 +156,9 @@ def check_output(output: str, server: Any, valid: dict, bad: dict, *, dim: int,
     rejects = {r["doc_id"]: r for r in tables["rejects"].to_pylist()}
     assert {k: r["reason"] for k, r in rejects.items()} == bad
     for doc_id, reject in rejects.items():
-        if reject["stage"] == "image":
-            assert doc_id in reject["detail"] and "img/" in reject["detail"] or "data:" in reject[
-                "detail"], reject
+        if reject["stage"] == "image":  # the detail names the record and the reference
+            assert doc_id in reject["detail"], reject
+            assert "'img/" in reject["detail"] or "'data:" in reject["detail"], reject
     # Usage: every ok row's tokens by kind, summed, is what the server billed (the preflight
     # included, which is a text-only request to the same endpoint).
     ok = [u for u in tables["usage"].to_pylist() if u["outcome"] == "ok"]
@@ -231,3 +231,25 @@ def test_ark_text_only_runs_unchanged(tmp_path: Path, serve: Serve, dimensions: 
     assert server.billed == []  # nothing went to the multimodal endpoint
     assert "image" not in tables["vectors"].column_names
     assert "image_tokens" not in tables["usage"].column_names
+
+
+def test_a_refused_record_is_rejected_alone(tmp_path: Path, serve: Serve) -> None:
+    """Ark's moderation refuses one record (InputTextSensitiveContentDetected): that record is
+    a provider_rejected reject, the others are vectors, and the run exits 1."""
+    server = serve(ArkMultimodalServer, poison="<<flagged>>")
+    root = tmp_path / "corpus"
+    (root / "img").mkdir(parents=True)
+    (root / "img" / "red.png").write_bytes(RED)
+    records = [{"id": "ok", "text": "fine", "image": "img/red.png"},
+               {"id": "flagged", "text": "<<flagged>> words", "image": "img/red.png"},
+               {"id": "ok-too", "text": "", "image": "img/red.png"}]
+    (root / "r.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    output = str(tmp_path / "out")
+    assert execute(RunRequest(mm_config(str(root), output, server.base_url), quiet=True)) == 1
+    manifest, tables = read_output(output)
+    assert sorted(tables["vectors"].column("doc_id").to_pylist()) == ["ok", "ok-too"]
+    [reject] = tables["rejects"].to_pylist()
+    assert (reject["doc_id"], reject["stage"], reject["reason"]) == (
+        "flagged", "embed", "provider_rejected")
+    assert "InputTextSensitiveContentDetected" in reject["detail"]
+    assert manifest["counts"]["chunks_failed"] == 1

@@ -16,6 +16,7 @@ import pytest
 from pipeline.cli import main
 from pipeline.config import parse_config
 from pipeline.graph import cache_spec, namespace_key
+from tests.test_multimodal import RED, build_corpus, declared_png, mm_config
 from transforms.errors import ConfigError, ImageError, InputRejectedError, MalformedResponseError
 from transforms.images import (
     ImageCaps,
@@ -33,8 +34,6 @@ from transforms.providers.multimodal import (
 )
 from transforms.types import RawRecord
 from transforms.validate import validate_record
-
-from tests.test_multimodal import RED, build_corpus, declared_png, mm_config
 
 BASE: dict[str, Any] = {"input": {"path": "corpus/*.jsonl"}}
 ARK_MM = {"kind": "ark", "base_url": "http://127.0.0.1:9/api/v3",
@@ -63,7 +62,7 @@ def test_multimodal_without_image_field_is_an_error_that_says_why() -> None:
 
 
 def test_sparse_without_multimodal_and_multimodal_for_openai_are_errors() -> None:
-    with pytest.raises(ConfigError, match="provider.multimodal: true") as info:
+    with pytest.raises(ConfigError, match=r"provider\.multimodal: true") as info:
         config(kind="ark", sparse=True)
     assert info.value.key == "provider.sparse"
     with pytest.raises(ConfigError, match=r"provider\.multimodal: does not apply to "
@@ -223,7 +222,7 @@ def test_envelope_sends_the_parts_as_input() -> None:
 def test_plan_counts_images_and_estimates_their_tokens(tmp_path: Path,
                                                        capsys: pytest.CaptureFixture) -> None:
     root = str(tmp_path / "corpus")
-    valid, bad = build_corpus(root, oversized_file=False)
+    valid, _ = build_corpus(root, oversized_file=False)
     cfg = mm_config(root, str(tmp_path / "out"), "http://127.0.0.1:9/api/v3")
     path = tmp_path / "config.json"
     path.write_text(json.dumps(cfg.model_dump(by_alias=True, mode="json")))

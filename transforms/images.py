@@ -138,7 +138,7 @@ def inspect_image(data: bytes, caps: ImageCaps = ImageCaps()) -> tuple[str, int,
         raise ImageError(IMAGE_TOO_LARGE, f"is over the pixel cap ({exc})") from exc
     except UnidentifiedImageError as exc:
         raise ImageError(INVALID_IMAGE, "is not an image (Pillow knows no format of it)") from exc
-    except Exception as exc:  # noqa: BLE001 - Pillow raises many types for a corrupt file
+    except Exception as exc:  # Pillow raises many types for a corrupt file
         raise ImageError(INVALID_IMAGE, f"is a corrupt image ({type(exc).__name__}: {exc})"
                          ) from exc
     mime = ACCEPTED_FORMATS.get(kind)
@@ -180,7 +180,7 @@ def read_capped(url: str, storage_options: Mapping[str, Any], max_bytes: int) ->
                 buffer += block
     except FileNotFoundError as exc:
         raise ImageError(IMAGE_UNREADABLE, "does not exist") from exc
-    except Exception as exc:  # noqa: BLE001 - any storage failure costs this record only
+    except Exception as exc:  # any storage failure costs this record only
         message = redact(str(exc), *option_strings(storage_options))
         raise ImageError(IMAGE_UNREADABLE, f"cannot be read ({type(exc).__name__}: "
                          f"{message[:300]})") from exc
