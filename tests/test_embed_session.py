@@ -517,6 +517,8 @@ def test_usage_rows_of_an_answer() -> None:
         "prompt_tokens": 40, "total_tokens": 41, "tokens_estimated": False, "attempt": 1,
         "http_status": 200, "outcome": OUTCOME_OK, "error": None, "latency_ms": 12.5,
         "started_at": STARTED, "worker": "host:1", "served_model": "served-model",
+        # Issue 14: a multimodal answer's tokens by kind; a text answer states none.
+        "text_tokens": None, "image_tokens": None,
     }
 
 
