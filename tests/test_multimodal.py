@@ -121,14 +121,14 @@ def build_corpus(root: str, storage_options: dict[str, Any] | None = None,
     return valid, bad
 
 
-def mm_config(root: str, output: str, base_url: str, *, kind: str = "ark",
+def mm_config(root: str, out: str, base_url: str, *, kind: str = "ark",
               storage_options: dict[str, Any] | None = None, sparse: bool = True,
               provider: dict[str, Any] | None = None, **sections: dict) -> Any:
     provider = {"kind": kind, "base_url": base_url, "multimodal": True,
                 "max_inputs_per_request": 8, **(provider or {})}
     if kind == "ark":
         provider.update(model=MULTIMODAL_MODEL, dimensions=DIM, sparse=sparse)
-    return make_config([f"{root}/*.jsonl"], output, base_url, storage_options,
+    return make_config([f"{root}/*.jsonl"], out, base_url, storage_options,
                        input={"image_field": "image", "metadata_fields": []},
                        provider=provider, **sections)
 
@@ -211,6 +211,18 @@ def test_envelope_multimodal_parts(tmp_path: Path, serve: Serve) -> None:
     urls = [x["image_url"]["url"] for record in parts for x in record if x["type"] == "image_url"]
     assert any(u.startswith("data:image/jpeg;base64,") for u in urls)
     assert all(u.startswith(("data:image/png;base64,", "data:image/jpeg;base64,")) for u in urls)
+
+    # Again over the same output: every record is a cache hit (keyed by text and image bytes),
+    # only the preflight is sent, and the vectors are the same.
+    sent = len(server.billed)
+    again = mm_config(root, output, server.root_url, kind="envelope",
+                      provider={"model": "mm-envelope"}, output={"overwrite": True})
+    assert execute(RunRequest(again, quiet=True)) == 0
+    assert len(server.billed) == sent + 1
+    manifest, tables = read_output(output)
+    assert manifest["cache"]["hits"] == len(valid)
+    assert sorted(tables["vectors"].column("image_sha256").to_pylist(), key=str) == sorted(
+        (hashlib.sha256(i).hexdigest() if i else None for _, i in valid.values()), key=str)
 
 
 @pytest.mark.parametrize("dimensions", [None, 2048])
