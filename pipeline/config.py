@@ -198,6 +198,7 @@ def _describe(err: ErrorDetails) -> tuple[str, str]:
 def _check_cross_rules(cfg: Config) -> None:
     cfg.provider.check_mode()
     cfg.provider.check()
+    _check_multimodal(cfg)
     _check_tokenizer_file(cfg)
     provider_cls = get_provider_class(cfg.provider.kind)
     limit = cfg.provider.max_input_tokens or provider_cls.default_max_input_tokens
@@ -212,6 +213,25 @@ def _check_cross_rules(cfg: Config) -> None:
             f"a single chunk ({cfg.split.max_tokens} tokens) would not fit in a request of "
             f"provider.max_tokens_per_request={cfg.provider.max_tokens_per_request}",
             key="split.max_tokens",
+        )
+
+
+def _check_multimodal(cfg: Config) -> None:
+    """``input.image_field`` and ``provider.multimodal`` go together: either alone is an error."""
+    multimodal = getattr(cfg.provider, "multimodal", False)
+    if cfg.input.image_field is not None and not multimodal:
+        raise ConfigError(
+            f"{cfg.input.image_field!r} names an image field, but provider.kind "
+            f"{cfg.provider.kind!r} is not sent images: set provider.multimodal: true (kinds ark "
+            "and envelope), or remove input.image_field",
+            key="input.image_field",
+        )
+    if multimodal and cfg.input.image_field is None:
+        raise ConfigError(
+            "a multimodal run needs to know where each record's image is: set "
+            "input.image_field to the field holding it (records without one are sent as text), "
+            "or remove provider.multimodal",
+            key="provider.multimodal",
         )
 
 

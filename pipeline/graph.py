@@ -7,6 +7,9 @@
         └ rejects ►     └ rejects ►           └ rejects ►          └ rejects ─► WriteEmbedRejects
     committed files + counts (side inputs) ─► CommitManifest (a singleton, runs last)
 
+A multimodal run (``provider.multimodal``) has CheckImages in place of SplitChunks: one chunk
+per record, its image checked (:mod:`transforms.images`).
+
 The rule that keeps memory flat and the first request seconds away: from reading to writing,
 nothing crosses a barrier. There is no GroupByKey, no side input and no Flatten on that path
 (each is a point where the in-process runner holds a whole PCollection in memory), so the
@@ -31,9 +34,11 @@ from pipeline.config import Config, EnvelopeConfig
 from transforms import tags
 from transforms.cache import CacheSpec, default_cache_root
 from transforms.embed import EmbedChunks, EmbedSettings
+from transforms.images import CheckImages, ImageLoader
 from transforms.limits import RateLimits
 from transforms.manifest import CommitManifestFn, RunInfo
 from transforms.pack import BatchCaps
+from transforms.providers import get_provider_class
 from transforms.read import ReadCorpus
 from transforms.retry import RetryPolicy
 from transforms.split import SplitChunks
@@ -75,6 +80,8 @@ def namespace_key(cfg: Config, served_dim: int | None = None) -> dict[str, Any]:
     key = {"kind": p.kind, "endpoint": f"{host}{endpoint.path}".rstrip("/"),
            "model": p.model, "dimensions": p.dimensions, "normalize": p.normalize,
            "parameters": p.parameters if isinstance(p, EnvelopeConfig) else {}}
+    if getattr(p, "multimodal", False):  # only then: text configs keep their digests
+        key.update(multimodal=True, sparse=getattr(p, "sparse", False))
     if p.dimensions is None and served_dim is not None:
         key["served_dimensions"] = served_dim
     return key
@@ -82,8 +89,8 @@ def namespace_key(cfg: Config, served_dim: int | None = None) -> dict[str, Any]:
 
 def cache_spec(cfg: Config, run_id: str, served_dim: int | None = None) -> CacheSpec | None:
     """The namespace of this config, or None with ``cache.enabled: false``."""
-    if not cfg.cache.enabled:
-        return None
+    if not cfg.cache.enabled or getattr(cfg.provider, "sparse", False):
+        return None  # sparse vectors are not cached (yet): a sparse run always sends
     key = namespace_key(cfg, served_dim)
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
     root = (cfg.cache.path or default_cache_root(cfg.output.path)).rstrip("/")
@@ -100,6 +107,8 @@ def output_spec(cfg: Config, ctx: RunContext) -> OutputSpec:
         rows_per_file=cfg.output.rows_per_file,
         include_text=cfg.output.include_text,
         metadata_fields=tuple(cfg.input.metadata_fields),
+        multimodal=is_multimodal(cfg),
+        sparse=getattr(cfg.provider, "sparse", False),
     )
 
 
@@ -134,6 +143,7 @@ def embed_settings(cfg: Config, ctx: RunContext, cache: CacheSpec | None = None,
         served_dim=ctx.served_dim,
         output=(output.path, output.storage_options, output.run_id) if output else None,
         batch_key=batch_key(cfg, ctx.served_dim) if cfg.provider.mode == "batch" else None,
+        images=image_loader(cfg) if is_multimodal(cfg) else None,
     )
 
 
@@ -148,11 +158,35 @@ def batch_key(cfg: Config, served_dim: int | None = None) -> str:
 
 
 def batch_caps(cfg: Config) -> BatchCaps:
+    """The request caps; one record a request in a multimodal run (the API fuses a request)."""
     return BatchCaps(
-        max_inputs=cfg.provider.max_inputs_per_request,
+        max_inputs=1 if is_multimodal(cfg) else cfg.provider.max_inputs_per_request,
         max_tokens=cfg.provider.max_tokens_per_request,
         max_bytes=cfg.provider.max_bytes_per_request,
     )
+
+
+def is_multimodal(cfg: Config) -> bool:
+    return bool(getattr(cfg.provider, "multimodal", False))
+
+
+def image_loader(cfg: Config) -> ImageLoader:
+    return ImageLoader(storage_options=tuple(sorted(cfg.input.storage_options.items())))
+
+
+def chunk_stage(cfg: Config) -> beam.PTransform:
+    """Documents → chunks: the splitter, or in a multimodal run the image stage (one chunk a
+    record, its image checked; see :mod:`transforms.images`)."""
+    if not is_multimodal(cfg):
+        return SplitChunks(cfg.split)
+    limit = (cfg.provider.max_input_tokens
+             or get_provider_class(cfg.provider.kind).default_max_input_tokens
+             or cfg.split.max_tokens)
+    return CheckImages(cfg.split.tokenizer, limit, image_loader(cfg))
+
+
+def validate_stage(cfg: Config) -> ValidateDocuments:
+    return ValidateDocuments(cfg.validate_, images=is_multimodal(cfg))
 
 
 def _sum_columns(rows: Iterable[tuple[int, ...]]) -> tuple[int, ...]:
@@ -169,8 +203,9 @@ def build_pipeline(p: beam.Pipeline, cfg: Config, ctx: RunContext) -> None:
     spec = output_spec(cfg, ctx)
     cache = cache_spec(cfg, ctx.run_id, ctx.served_dim)
     read = p | "ReadCorpus" >> ReadCorpus(cfg.input, range_bytes=cfg.input.range_bytes)
-    valid = read[tags.RECORDS] | "ValidateDocuments" >> ValidateDocuments(cfg.validate_)
-    split = valid[tags.DOCUMENTS] | "SplitChunks" >> SplitChunks(cfg.split)
+    valid = read[tags.RECORDS] | "ValidateDocuments" >> validate_stage(cfg)
+    split = valid[tags.DOCUMENTS] | (
+        "CheckImages" if is_multimodal(cfg) else "SplitChunks") >> chunk_stage(cfg)
     embedded = split[tags.CHUNKS] | "EmbedChunks" >> EmbedChunks(
         embed_settings(cfg, ctx, cache, spec), batch_caps(cfg))
 

@@ -14,8 +14,8 @@ import sys
 
 from pipeline.exit_codes import EXIT_CONFIG, EXIT_OK
 from pipeline.local_base import LoopbackServer
-from pipeline.local_model import DEFAULT_DIM, DEFAULT_MODEL
 from pipeline.local_batch import BatchServer
+from pipeline.local_model import DEFAULT_DIM, DEFAULT_MODEL
 from pipeline.local_openai import EmbeddingServer
 from transforms.providers.config import looks_like_a_key
 

@@ -21,14 +21,13 @@ import apache_beam as beam
 from apache_beam.pvalue import AsList, AsSingleton
 
 from pipeline.config import Config
-from pipeline.graph import batch_caps
+from pipeline.graph import batch_caps, chunk_stage, validate_stage
 from transforms import tags
 from transforms.manifest import document_counts
 from transforms.pack import PackRequests
 from transforms.read import ReadCorpus
-from transforms.split import SplitChunks
 from transforms.types import DUPLICATE_ID, STAGE_READ, STAGE_VALIDATE, Document
-from transforms.validate import ValidateDocuments, pick_winner
+from transforms.validate import pick_winner
 
 
 class _DropLosersFn(beam.DoFn):
@@ -62,6 +61,8 @@ class _SummarizeFn(beam.DoFn):
             "rejects_by_reason": dict(sorted(rejects_by_reason.items())),
             "chunks": sum(s[0] for s in bundle_stats),
             "tokens": sum(s[1] for s in bundle_stats),
+            "images": sum(s[2] for s in bundle_stats),
+            "image_tokens": sum(s[3] for s in bundle_stats),
             "requests": len(bundle_stats),
         }
         with open(self.path, "w", encoding="utf-8") as handle:
@@ -70,7 +71,7 @@ class _SummarizeFn(beam.DoFn):
 
 def build_plan_pipeline(p: beam.Pipeline, cfg: Config, summary_path: str) -> None:
     read = p | "ReadCorpus" >> ReadCorpus(cfg.input, range_bytes=cfg.input.range_bytes)
-    valid = read[tags.RECORDS] | "ValidateDocuments" >> ValidateDocuments(cfg.validate_)
+    valid = read[tags.RECORDS] | "ValidateDocuments" >> validate_stage(cfg)
     # Every version of an id but the earliest is a duplicate_id reject in the run, settled at
     # its commit; here the losers are found first (from ids alone) and left out of the figures.
     losers = (
@@ -82,7 +83,7 @@ def build_plan_pipeline(p: beam.Pipeline, cfg: Config, summary_path: str) -> Non
     )
     winners = valid[tags.DOCUMENTS] | "DropLosers" >> beam.ParDo(_DropLosersFn(),
                                                               losers=AsList(losers))
-    split = winners | "SplitChunks" >> SplitChunks(cfg.split)
+    split = winners | "SplitChunks" >> chunk_stage(cfg)  # CheckImages in a multimodal run
     batches = split[tags.CHUNKS] | "PackRequests" >> PackRequests(batch_caps(cfg))
     reasons = (
         (read[tags.REJECTS], valid[tags.REJECTS], split[tags.REJECTS])
@@ -90,7 +91,11 @@ def build_plan_pipeline(p: beam.Pipeline, cfg: Config, summary_path: str) -> Non
         | "Reasons" >> beam.Map(lambda r: (r.stage, r.reason))
         | "CountReasons" >> beam.combiners.Count.PerElement()
     )
-    stats = batches | "BatchSizes" >> beam.Map(lambda b: (len(b), b.n_tokens))
+    # (chunks, tokens, images, image tokens) per request; images only in a multimodal run,
+    # their tokens estimated from their headers (transforms.images.image_tokens).
+    stats = batches | "BatchSizes" >> beam.Map(lambda b: (
+        len(b), b.n_tokens, sum(1 for c in b.chunks if c.image is not None),
+        sum(c.image.est_tokens for c in b.chunks if c.image is not None)))
     def count(pcoll: beam.PCollection, label: str) -> AsSingleton:
         return AsSingleton(pcoll | label >> beam.combiners.Count.Globally())
 
@@ -161,7 +166,9 @@ def plan_lines(plan: dict[str, Any]) -> list[str]:
          f"{plan['documents_rejected']} rejected; {plan['files_failed']} file(s) failed"),
         f"  rejects    {reasons}",
         f"  chunks     {plan['chunks']}",
-        f"  tokens     {plan['tokens']}",
+        f"  tokens     {plan['tokens']}"
+        + (f" ({plan['image_tokens']} of them for {plan['images']} image(s), estimated)"
+           if plan.get("images") else ""),
         f"  requests   {plan['requests']}",
         f"  cost       {cost}",
         (f"  ideal time {plan['ideal_wall_s']:.1f}s at the configured limits"

@@ -76,3 +76,15 @@ def test_estimated_usage_says_nothing_about_a_ceiling(caplog: pytest.LogCaptureF
         for est in (1900, 2000, 2040):
             watch.observe(result(1024, estimated=True), n_inputs=4, est_tokens=est)
     assert warnings(caplog) == []
+
+
+def test_image_tokens_say_nothing_about_a_ceiling(caplog: pytest.LogCaptureFixture) -> None:
+    """Multimodal answers: equal images cost equal tokens whatever the caption (issue 14)."""
+    from dataclasses import replace
+
+    watch = AnswerWatch("m", worker="w")
+    with caplog.at_level(logging.WARNING):
+        for est in (30, 40, 50, 60):
+            watch.observe(replace(result(1312 + 8), text_tokens=8, image_tokens=1312),
+                          n_inputs=1, est_tokens=est)
+    assert warnings(caplog) == []

@@ -518,6 +518,8 @@ def test_usage_rows_of_an_answer() -> None:
         "http_status": 200, "outcome": OUTCOME_OK, "error": None, "latency_ms": 12.5,
         "started_at": STARTED, "worker": "host:1", "served_model": "served-model",
         "mode": "online", "batch_id": None,  # batch mode's columns (issue 13)
+        # Issue 14: a multimodal answer's tokens by kind; a text answer states none.
+        "text_tokens": None, "image_tokens": None,
     }
 
 

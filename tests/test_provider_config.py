@@ -42,15 +42,18 @@ BATCH = {"batch_poll_interval_s", "batch_completion_window", "batch_discount",
 #: Every ``provider`` key, by the kinds it applies to.
 KEYS = {
     "openai": SHARED | {"api_version", "send_dimensions"} | BATCH,
-    "ark": SHARED,
-    "envelope": SHARED | {"send_dimensions", "parameters", "poll_path", "poll_timeout_s"},
+    "ark": SHARED | {"multimodal", "sparse"},
+    "envelope": SHARED | {"send_dimensions", "parameters", "poll_path", "poll_timeout_s",
+                          "multimodal"},
 }
 #: A value each kind-specific key accepts.
 SAMPLE = {"api_version": "2024-10-21", "send_dimensions": False,
           "batch_poll_interval_s": 5, "batch_completion_window": "24h", "batch_discount": 0.4,
           "batch_max_inputs": 1000, "batch_max_open": 2,
           "parameters": {"instruction": "query"}, "poll_path": "/v2/jobs/{id}",
-          "poll_timeout_s": 30}
+          "poll_timeout_s": 30,
+          # Issue 14's keys; false, as true needs input.image_field (tests/test_multimodal_config).
+          "multimodal": False, "sparse": False}
 
 
 def provider(**fields: Any) -> dict[str, Any]:

@@ -65,7 +65,8 @@ class AnswerWatch:
                     "endpoint id stands for the model (Azure, Ark ep-...); otherwise check "
                     "provider.model and what the server at provider.base_url serves. Recorded "
                     "in usage/ (served_model) and the manifest.", served, self.model, self.worker)
-        if result.tokens_estimated or n_inputs < 1 or self._ceiling_warned:
+        if result.tokens_estimated or n_inputs < 1 or self._ceiling_warned or result.image_tokens:
+            # Image tokens depend on pixels, not text: equal counts say nothing of a ceiling.
             return
         per_input, remainder = divmod(result.prompt_tokens, n_inputs)
         if remainder or per_input < MIN_CEILING_TOKENS:

@@ -262,7 +262,9 @@ class EmbedChunksFn(beam.DoFn):
                 chunks.append(twin)
         if len(chunks) == len(batch.chunks):
             return batch
-        return EmbeddedBatch(chunks=tuple(chunks), model=batch.model, vectors=batch.vectors[rows])
+        sparse = None if batch.sparse is None else tuple(batch.sparse[i] for i in rows)
+        return EmbeddedBatch(chunks=tuple(chunks), model=batch.model, vectors=batch.vectors[rows],
+                             sparse=sparse)
 
 
 class EmbedChunks(beam.PTransform):

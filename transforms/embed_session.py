@@ -37,6 +37,7 @@ import socket
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import Any
 
 import fsspec
 import httpx
@@ -56,7 +57,7 @@ from transforms.errors import (
 from transforms.limits import MONOTONIC, Clock, Pauses, RateLimiter, RateLimits
 from transforms.metered import MeteredCall
 from transforms.progress import ProgressReporter
-from transforms.providers import get_provider_class
+from transforms.providers import provider_class_for
 from transforms.providers.base import Provider
 from transforms.retry import RetryPolicy
 from transforms.sections import ProviderConfig
@@ -98,6 +99,9 @@ class EmbedSettings:
     # Batch mode: the digest of the output and the namespace, in every batch's metadata, by
     # which a later process finds the batches submitted for this output.
     batch_key: str | None = None
+    # A multimodal run's image reader (transforms.images.ImageLoader): each record's image is
+    # read again, checked against its hash and sent as a data: URL. None: a text run.
+    images: Any = None
 
 
 @dataclass
@@ -139,7 +143,7 @@ class EmbedSession:
     ) -> None:
         self.settings = settings
         self.clock = clock
-        self.provider: Provider = get_provider_class(settings.provider.kind)(
+        self.provider: Provider = provider_class_for(settings.provider)(
             settings.provider, clock=clock)
         self.provider.served_dim = settings.served_dim
         self.limiter = RateLimiter(settings.limits, clock=clock,
@@ -226,8 +230,11 @@ class EmbedSession:
                 if isinstance(answer, EmbeddedBatch):
                     out.batches.append(answer)
                 elif isinstance(answer, Refused):
-                    out.rejects.extend(_rejects(answer.items, PROVIDER_REJECTED,
-                                                self._describe(answer.error), 1))
+                    # An image that could not be read was never sent: its own reason, 0 attempts.
+                    reason = getattr(answer.error, "reason", None)
+                    out.rejects.extend(_rejects(answer.items, reason or PROVIDER_REJECTED,
+                                                self._describe(answer.error),
+                                                0 if reason else 1))
                 else:
                     out.rejects.extend(answer)
         self._remember(out.batches)
@@ -257,7 +264,9 @@ class EmbedSession:
         aborted = self.abort.message
         if aborted is not None:
             return _rejects(chunks, ABORTED, aborted, 0)
-        texts = [c.text for c in chunks]
+        # Texts; a multimodal provider's typed parts, each image read (an ImageError rejects
+        # that record before anything is sent).
+        texts = self.provider.request_inputs(chunks, self.settings.images)
         est_tokens = sum(c.n_tokens for c in chunks)
         try:
             with self.cap.admit(len(chunks)):
@@ -300,7 +309,7 @@ class EmbedSession:
             out.usage_tokens += result.prompt_tokens
             out.usage_estimate += est_tokens
         return EmbeddedBatch(chunks=tuple(chunks), model=self.settings.provider.model,
-                             vectors=result.vectors)
+                             vectors=result.vectors, sparse=result.sparse)
 
     # -- helpers ----------------------------------------------------------------------------
 

@@ -17,6 +17,8 @@ Retry and abort decisions test these classes, never httpx's.
         │   ├── RateLimitedError    429 / throttling: also slows the limiter down
         │   └── MalformedResponseError  unparseable body, wrong count, index or dimension
         ├── InputRejectedError      the provider refused the content of an input (400/422)
+        │   └── ImageError          a record's image cannot be sent (unreadable, not an image,
+        │                           too large): its reject's reason is the error's ``reason``
         ├── RequestTooLargeError    the request is over a server cap (413): shrink the request
         └── FatalProviderError      bad key, no quota, unknown model: abort the run (exit 3)
 
@@ -133,6 +135,18 @@ class DimensionChangedError(MalformedResponseError):
 
 class InputRejectedError(ProviderError):
     """The provider rejected the content of the request (too long, unsafe, invalid)."""
+
+
+class ImageError(InputRejectedError):
+    """A record's image cannot be embedded; ``reason`` is its reject's reason code.
+
+    An :class:`InputRejectedError`, so that in the embed stage it ends that record alone, like
+    a refused input; raised before any request is sent (no usage row).
+    """
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
 
 
 class RequestTooLargeError(ProviderError):

@@ -197,6 +197,8 @@ def build_manifest(
         "usage": {
             "prompt_tokens": usage.get("prompt_tokens", 0),
             "total_tokens": usage.get("total_tokens", 0),
+            # A multimodal run's tokens by kind (usage text_tokens and image_tokens).
+            **{name: usage[name] for name in ("text_tokens", "image_tokens") if name in usage},
         },
         "cache": cache or {"enabled": False},
         **batch_section(json.loads(run.config).get("provider", {}), usage),

@@ -310,10 +310,12 @@ def _read_parquet(
             values = {name: _column(batch, path).to_pylist()
                       for name, path in paths.items() if path}
             absent = [None] * batch.num_rows
-            for position, doc_id, text, *metadata in zip(
+            images = values.get(cfg.image_field, absent) if cfg.image_field else absent
+            for position, doc_id, text, image, *metadata in zip(
                 range(first, first + batch.num_rows),
                 values.get(cfg.id_field, absent),
                 values.get(cfg.text_field, absent),
+                images,
                 *(values.get(name, absent) for name in cfg.metadata_fields),
                 strict=True,
             ):
@@ -323,6 +325,7 @@ def _read_parquet(
                     doc_id=doc_id,
                     text=text,
                     metadata=tuple(zip(cfg.metadata_fields, metadata, strict=True)),
+                    image=image,
                 )
 
 
@@ -483,7 +486,8 @@ def _codec(url: str) -> str | None:
 
 
 def _fields_read(cfg: InputConfig) -> tuple[str, ...]:
-    return (cfg.id_field, cfg.text_field, *cfg.metadata_fields)
+    image = (cfg.image_field,) if cfg.image_field else ()
+    return (cfg.id_field, cfg.text_field, *image, *cfg.metadata_fields)
 
 
 def _record(url: str, position: int, fields: Mapping[str, Any], cfg: InputConfig) -> RawRecord:
@@ -493,6 +497,7 @@ def _record(url: str, position: int, fields: Mapping[str, Any], cfg: InputConfig
         doc_id=_field(fields, cfg.id_field),
         text=_field(fields, cfg.text_field),
         metadata=tuple((name, _field(fields, name)) for name in cfg.metadata_fields),
+        image=_field(fields, cfg.image_field) if cfg.image_field else None,
     )
 
 

@@ -37,6 +37,9 @@ class InputConfig(_Section):
     id_field: str = "id"
     text_field: str = "text"
     metadata_fields: list[str] = Field(default_factory=list)
+    # The field holding each record's image reference (a path relative to the record's file,
+    # an fsspec URL, an http(s) URL or a data: URL); needs provider.multimodal: true.
+    image_field: str | None = None
     storage_options: dict[str, Any] = Field(default_factory=dict)
     # Uncompressed JSONL and CSV files above this size are read in ranges of about this size by
     # several workers (Parquet: groups of row groups); compressed files are read whole.

@@ -23,6 +23,8 @@ from typing import Any
 import numpy as np
 
 Metadata = tuple[tuple[str, Any], ...]
+#: A sparse vector: indices (int32, strictly increasing) and their values (float32).
+SparseVector = tuple[np.ndarray, np.ndarray]
 
 # Reject stages (contract: rejects.stage).
 STAGE_READ = "read"
@@ -45,6 +47,10 @@ SPLIT_FAILED = "split_failed"
 PROVIDER_REJECTED = "provider_rejected"
 RETRIES_EXHAUSTED = "retries_exhausted"
 ABORTED = "aborted"
+# Multimodal runs (input.image_field): the record's image could not be used.
+IMAGE_UNREADABLE = "image_unreadable"  # missing, or storage refused to read it
+INVALID_IMAGE = "invalid_image"  # not an image (or one of a format the API does not take)
+IMAGE_TOO_LARGE = "image_too_large"  # over the byte or pixel cap (transforms.images)
 
 # Usage outcomes (contract: usage.outcome).
 OUTCOME_OK = "ok"
@@ -84,6 +90,8 @@ class RawRecord:
     doc_id: Any
     text: Any
     metadata: Metadata = ()
+    #: The value of ``input.image_field`` (None when it is not set, or the record has none).
+    image: Any = None
 
     @property
     def source(self) -> str:
@@ -92,13 +100,18 @@ class RawRecord:
 
 @dataclass(frozen=True, slots=True)
 class Document:
-    """A valid document: a non-empty id and non-blank text within the size limit."""
+    """A valid document: a non-empty id and non-blank text within the size limit.
+
+    In a multimodal run (``input.image_field``) ``image`` is the record's image reference as
+    given, and ``text`` may be empty when there is an image.
+    """
 
     doc_id: str
     text: str
     source_url: str
     position: int | None
     metadata: Metadata = ()
+    image: str | None = None
 
     @property
     def source(self) -> str:
@@ -156,6 +169,32 @@ class DocumentIds:
 
 
 @dataclass(frozen=True, slots=True)
+class ImagePart:
+    """A record's checked image, as it travels with its text to the embed stage.
+
+    The bytes do not travel: an element may wait in the embed stage's lookup group, and 2048
+    images of 10 MB would not fit in memory. The embed stage reads them again from ``url`` and
+    checks them against ``sha256`` (an image changed since it was checked is a reject, never a
+    vector of other bytes). An ``http(s)`` image is passed to the provider as is: it has no
+    ``sha256`` and no size, as embedpipe never fetches it.
+    """
+
+    reference: str  # as the record gave it (the ``image`` column)
+    url: str  # where to read it: the resolved fsspec URL, or the http(s)/data: URL itself
+    sha256: str | None  # of the bytes; None for an http(s) image
+    mime: str | None  # image/png ...; None for an http(s) image
+    width: int = 0
+    height: int = 0
+    n_bytes: int = 0
+    est_tokens: int = 0  # the provider's image tokens, estimated from the header
+
+    @property
+    def remote(self) -> bool:
+        """Whether the provider fetches it (an http(s) URL): embedpipe sends the URL."""
+        return self.sha256 is None
+
+
+@dataclass(frozen=True, slots=True)
 class Chunk:
     """A token-bounded slice of a document: ``document.text[char_start:char_end] == text``."""
 
@@ -172,6 +211,8 @@ class Chunk:
     #: ``fingerprint(chunk_id, source)``, computed once by the splitter and summed by the
     #: writers: the chunk's term in the run's accounting checksum.
     fingerprint: int = 0
+    #: The record's image, in a multimodal run (one chunk per record, text and image fused).
+    image: ImagePart | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -202,12 +243,18 @@ class EmbeddedBatch:
     chunks: tuple[Chunk, ...]
     model: str
     vectors: np.ndarray
+    #: With ``provider.sparse``: row ``i``'s sparse vector as (indices int32, values float32),
+    #: sorted by index; None when the run asks for none.
+    sparse: tuple[SparseVector, ...] | None = None
 
     def __post_init__(self) -> None:
         if self.vectors.ndim != 2 or self.vectors.shape[0] != len(self.chunks):
             raise ValueError(
                 f"{self.vectors.shape[0]} vectors for {len(self.chunks)} chunks: misaligned batch"
             )
+        if self.sparse is not None and len(self.sparse) != len(self.chunks):
+            raise ValueError(
+                f"{len(self.sparse)} sparse vectors for {len(self.chunks)} chunks: misaligned")
 
     def __len__(self) -> int:
         return len(self.chunks)
@@ -250,6 +297,9 @@ class UsageRecord:
     #: ``online``, or ``batch`` for a line of an OpenAI batch (``batch_id`` names the batch).
     mode: str = "online"
     batch_id: str | None = None
+    #: The answer's ``prompt_tokens_details`` (multimodal APIs): tokens of text and of images.
+    text_tokens: int | None = None
+    image_tokens: int | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -54,6 +54,8 @@ class UsageRows:
             outcome=OUTCOME_OK,
             error=None,
             served_model=result.served_model,
+            text_tokens=result.text_tokens,
+            image_tokens=result.image_tokens,
         )
 
     def failed(
@@ -87,6 +89,8 @@ class UsageRows:
         outcome: str,
         error: str | None,
         served_model: str | None = None,
+        text_tokens: int | None = None,
+        image_tokens: int | None = None,
     ) -> UsageRecord:
         return UsageRecord(
             request_id=attempt.request_id,
@@ -104,4 +108,6 @@ class UsageRows:
             started_at=attempt.started_at,
             worker=self.worker,
             served_model=served_model,
+            text_tokens=text_tokens,
+            image_tokens=image_tokens,
         )

@@ -37,6 +37,7 @@ from transforms.sorted_runs import SortedRuns
 from transforms.types import (
     DUPLICATE_ID,
     EMPTY_TEXT,
+    INVALID_IMAGE,
     INVALID_UTF8,
     MISSING_ID,
     NOT_TEXT,
@@ -69,8 +70,14 @@ def normalize_id(value: object) -> str | None:
     return None
 
 
-def validate_record(record: RawRecord, max_document_bytes: int) -> Document | Reject:
-    """Apply the document rules to one record (pure; the unit tests call it directly)."""
+def validate_record(record: RawRecord, max_document_bytes: int, *,
+                    images: bool = False) -> Document | Reject:
+    """Apply the document rules to one record (pure; the unit tests call it directly).
+
+    With ``images`` (a multimodal run), a record's ``image`` must be a string reference when
+    present, and a record with an image needs no text: it is embedded from its image alone.
+    Whether the image is readable is the image stage's business (:mod:`transforms.images`).
+    """
     doc_id = normalize_id(record.doc_id)
 
     def reject(reason: str, detail: str) -> Reject:
@@ -86,11 +93,18 @@ def validate_record(record: RawRecord, max_document_bytes: int) -> Document | Re
     except UnicodeEncodeError:
         return reject(INVALID_UTF8, "id holds an unpaired surrogate")
     text = record.text
+    image = None
+    if images:
+        image, problem = _image_reference(record.image)
+        if problem is not None:
+            return reject(INVALID_IMAGE, problem)
+        if image is not None and (text is None or (isinstance(text, str) and _blank(text))):
+            text = ""  # an image alone is a record: its vector is its image's
     if text is None:
         return reject(EMPTY_TEXT, "text is null or absent")
     if not isinstance(text, str):
         return reject(NOT_TEXT, f"text is a {type(text).__name__}, not a string")
-    if not text.strip() or (text[0] in _BLANK and not text.strip(_BLANK)):
+    if image is None and _blank(text):
         return reject(EMPTY_TEXT, "text is empty, or only whitespace, NUL, control or zero-width "
                                   "characters")
     try:
@@ -104,7 +118,22 @@ def validate_record(record: RawRecord, max_document_bytes: int) -> Document | Re
             f"text is {size} bytes, over validate.max_document_bytes={max_document_bytes}",
         )
     return Document(doc_id=doc_id, text=text, source_url=record.source_url,
-                    position=record.position, metadata=record.metadata)
+                    position=record.position, metadata=record.metadata, image=image)
+
+
+def _blank(text: str) -> bool:
+    return not text.strip() or (text[0] in _BLANK and not text.strip(_BLANK))
+
+
+def _image_reference(value: object) -> tuple[str | None, str | None]:
+    """``(reference, None)``, ``(None, None)`` for no image, or ``(None, why it is no image)``."""
+    if value is None:
+        return None, None
+    if not isinstance(value, str):
+        return None, (f"image field is a {type(value).__name__}, not a path or URL; set "
+                      "input.image_field to the field holding the image's reference")
+    value = value.strip()
+    return (value or None), None
 
 
 #: What a text made only of is no text: whitespace (all that ``str.strip`` removes, none past
@@ -226,8 +255,9 @@ ADMIT_BATCH = 256
 
 
 class _ValidateFn(beam.DoFn):
-    def __init__(self, max_document_bytes: int) -> None:
+    def __init__(self, max_document_bytes: int, images: bool = False) -> None:
         self.max_document_bytes = max_document_bytes
+        self.images = images
 
     def setup(self) -> None:
         self._seen = SeenIds()  # lives as long as the DoFn: across the bundles of a worker
@@ -236,7 +266,7 @@ class _ValidateFn(beam.DoFn):
         self._batch: list[Document] = []
 
     def process(self, record: RawRecord) -> Iterator[object]:
-        result = validate_record(record, self.max_document_bytes)
+        result = validate_record(record, self.max_document_bytes, images=self.images)
         if isinstance(result, Reject):
             yield beam.pvalue.TaggedOutput(tags.REJECTS, result)
             return
@@ -268,13 +298,14 @@ class ValidateDocuments(beam.PTransform):
     Documents may share an id here; see the module docstring for where that is settled.
     """
 
-    def __init__(self, cfg: ValidateConfig) -> None:
+    def __init__(self, cfg: ValidateConfig, *, images: bool = False) -> None:
         super().__init__()
         self.cfg = cfg
+        self.images = images  # a multimodal run: records may be an image without text
 
     def expand(self, records: beam.PCollection) -> dict[str, beam.PCollection]:
         checked = records | "CheckRecords" >> beam.ParDo(
-            _ValidateFn(self.cfg.max_document_bytes)
+            _ValidateFn(self.cfg.max_document_bytes, self.images)
         ).with_output_types(
             Document, **{tags.REJECTS: Reject, tags.IDS: DocumentIds}
         ).with_outputs(tags.REJECTS, tags.IDS, main=tags.DOCUMENTS)

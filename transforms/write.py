@@ -103,6 +103,10 @@ class OutputSpec:
     rows_per_file: int
     include_text: bool
     metadata_fields: tuple[str, ...]
+    #: A multimodal run: vectors gain ``image`` and ``image_sha256``, usage ``text_tokens``
+    #: and ``image_tokens``; with ``sparse``, vectors gain ``sparse_embedding``.
+    multimodal: bool = False
+    sparse: bool = False
 
     def filesystem(self) -> tuple[fsspec.AbstractFileSystem, str]:
         fs, root = fsspec.core.url_to_fs(self.path, **dict(self.storage_options))
@@ -138,11 +142,42 @@ def vectors_table(batches: Sequence[EmbeddedBatch], spec: OutputSpec) -> pa.Tabl
     columns["embedding"] = pa.chunked_array([pa.FixedSizeListArray.from_arrays(
         pa.array(np.ascontiguousarray(b.vectors, dtype=np.float32).reshape(-1), pa.float32()),
         dim) for b in batches], pa.list_(pa.float32(), dim))
+    if spec.multimodal:
+        columns.update(image_columns(batches, chunks, spec.sparse))
     for position, name in enumerate(spec.metadata_fields):
         if name in columns:
             continue  # a metadata field never shadows a contract column
         columns[name] = metadata_array([c.metadata[position][1] for c in chunks])
     return pa.table(columns)
+
+
+#: ``sparse_embedding``: the provider's indices and values, sorted by index.
+SPARSE_TYPE = pa.list_(pa.struct([("index", pa.int32()), ("value", pa.float32())]))
+
+
+def image_columns(batches: Sequence[EmbeddedBatch], chunks: Sequence[Any],
+                  sparse: bool) -> dict[str, pa.Array]:
+    """A multimodal run's columns: the image as given, its bytes' sha256, the sparse vector."""
+    images = [c.image for c in chunks]
+    columns = {
+        "image": pa.array([i.reference if i else None for i in images], pa.string()),
+        "image_sha256": pa.array([i.sha256 if i else None for i in images], pa.string()),
+    }
+    if sparse:
+        rows = [row for b in batches
+                for row in (b.sparse if b.sparse is not None else (None,) * len(b))]
+        lengths = np.fromiter((0 if r is None else len(r[0]) for r in rows), np.int32, len(rows))
+        offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)
+        present = [r for r in rows if r is not None]
+        indices = np.concatenate([r[0] for r in present]) if present else np.zeros(0, np.int32)
+        values = np.concatenate([r[1] for r in present]) if present else np.zeros(0, np.float32)
+        items = pa.StructArray.from_arrays(
+            [pa.array(indices.astype(np.int32)), pa.array(values.astype(np.float32))],
+            fields=list(SPARSE_TYPE.value_type))
+        mask = pa.array([r is None for r in rows])
+        columns["sparse_embedding"] = pa.ListArray.from_arrays(
+            pa.array(offsets), items, type=SPARSE_TYPE, mask=mask)
+    return columns
 
 
 def metadata_array(values: list[Any]) -> pa.Array:
@@ -172,9 +207,15 @@ def rejects_table(rejects: Sequence[Reject], spec: OutputSpec) -> pa.Table:
     )
 
 
+#: A multimodal run's usage: the answer's ``prompt_tokens_details``, last.
+MULTIMODAL_USAGE_SCHEMA = USAGE_SCHEMA.append(pa.field("text_tokens", pa.int64())).append(
+    pa.field("image_tokens", pa.int64()))
+
+
 def usage_table(rows: Sequence[UsageRecord], spec: OutputSpec) -> pa.Table:
+    schema = MULTIMODAL_USAGE_SCHEMA if spec.multimodal else USAGE_SCHEMA
     return pa.Table.from_pylist(
-        [{f.name: getattr(u, f.name) for f in USAGE_SCHEMA} for u in rows], USAGE_SCHEMA
+        [{f.name: getattr(u, f.name) for f in schema} for u in rows], schema
     )
 
 
@@ -223,6 +264,8 @@ def usage_stats(table: pa.Table) -> Counter[str]:
         "throttled": int(pc.sum(pc.equal(table.column("http_status"), 429)).as_py() or 0),
         "prompt_tokens": int(pc.sum(pc.filter(table.column("prompt_tokens"), ok)).as_py() or 0),
         "total_tokens": int(pc.sum(pc.filter(table.column("total_tokens"), ok)).as_py() or 0),
+        **{name: int(pc.sum(pc.filter(table.column(name), ok)).as_py() or 0)
+           for name in ("text_tokens", "image_tokens") if name in table.column_names},
         **batch_usage_stats(table, ok),
     })
 

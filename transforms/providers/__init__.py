@@ -28,7 +28,7 @@ from transforms.providers.openai import OpenAIConfig, OpenAIProvider
 __all__ = [
     "REGISTRY", "ArkConfig", "BaseProviderConfig", "EnvelopeConfig", "OpenAIConfig",
     "ProviderConfig", "ProviderEntry", "get_provider_class", "misplaced_key_message",
-    "provider_kinds", "unknown_kind_message",
+    "provider_class_for", "provider_kinds", "unknown_kind_message",
 ]
 
 #: The kind a ``provider`` section without ``kind`` is.
@@ -78,6 +78,16 @@ def provider_kinds() -> list[str]:
 
 def unknown_kind_message(kind: object) -> str:
     return f"unknown provider kind {kind!r}; choose one of {', '.join(provider_kinds())}"
+
+
+def provider_class_for(cfg: BaseProviderConfig) -> type[Provider]:
+    """The provider that serves ``cfg``: its kind's, or its multimodal one with
+    ``provider.multimodal: true`` (:mod:`transforms.providers.multimodal`)."""
+    if getattr(cfg, "multimodal", False):
+        from transforms.providers.multimodal import MULTIMODAL_PROVIDERS
+
+        return MULTIMODAL_PROVIDERS[cfg.kind]
+    return get_provider_class(cfg.kind)
 
 
 def get_provider_class(kind: str) -> type[Provider]:

@@ -62,6 +62,9 @@ DOCUMENTED_DIMENSIONS: Mapping[str, frozenset[int]] = {
     "doubao-embedding-large-text-250515": frozenset({256, 512, 1024, 2048}),
 }
 
+#: The sizes the multimodal endpoint serves (it reduces server-side; 2048 when unset).
+MULTIMODAL_DIMENSIONS = frozenset({1024, 2048})
+
 
 @dataclass(frozen=True, slots=True)
 class ErrorRule:
@@ -118,9 +121,29 @@ class ArkConfig(BaseProviderConfig):
     kind: Literal["ark"] = "ark"
     batch_refusal: ClassVar[str | None] = (
         "Volcengine Ark documents batch inference for chat models only, not for embeddings")
+    # Records (text and image parts) to {base_url}/embeddings/multimodal, one fused vector each
+    # (transforms.providers.multimodal); needs input.image_field.
+    multimodal: bool = False
+    # Ask the multimodal endpoint for a sparse vector too (the sparse_embedding column).
+    sparse: bool = False
 
     def check(self) -> None:
         """Refuse a reduced size the model does not document, before any request is sent."""
+        if self.sparse and not self.multimodal:
+            raise ConfigError(
+                "sparse vectors come only from Ark's multimodal endpoint; set "
+                "provider.multimodal: true (and input.image_field), or remove provider.sparse",
+                key="provider.sparse",
+            )
+        if self.multimodal:
+            if self.dimensions is not None and self.dimensions not in MULTIMODAL_DIMENSIONS:
+                sizes = " or ".join(map(str, sorted(MULTIMODAL_DIMENSIONS)))
+                raise ConfigError(
+                    f"the multimodal endpoint serves {sizes} dimensions, not "
+                    f"{self.dimensions}; choose one of them or null (2048)",
+                    key="provider.dimensions",
+                )
+            return
         allowed = DOCUMENTED_DIMENSIONS.get(self.model)
         if self.dimensions is not None and allowed is not None and self.dimensions not in allowed:
             raise ConfigError(

@@ -39,6 +39,7 @@ from transforms.errors import (
 from transforms.limits import MONOTONIC, Clock
 from transforms.providers.caps import stated_input_cap
 from transforms.providers.config import BaseProviderConfig
+from transforms.types import Chunk, SparseVector
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,6 +65,11 @@ class EmbeddingResult:
     rate_hint: RateLimitHint | None = None
     #: The model the answer says produced the vectors (OpenAI's top-level ``model``), if named.
     served_model: str | None = None
+    #: Multimodal answers: each row's sparse vector (with ``provider.sparse``), and the
+    #: answer's ``prompt_tokens_details`` (tokens of text and of images).
+    sparse: tuple[SparseVector, ...] | None = None
+    text_tokens: int | None = None
+    image_tokens: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -138,6 +144,17 @@ class Provider:
 
     def build_request(self, texts: Sequence[str], api_key: str | None) -> HttpRequest:
         raise NotImplementedError
+
+    def request_inputs(self, chunks: Sequence[Chunk], images: Any = None) -> Sequence[Any]:
+        """What :meth:`embed` is given for ``chunks``: their texts here.
+
+        Multimodal providers (:mod:`transforms.providers.multimodal`) give each chunk's typed
+        parts instead, reading its image through ``images`` (an
+        :class:`~transforms.images.ImageLoader`); called before the request is metered, so an
+        image that cannot be read costs no request (it raises
+        :class:`~transforms.errors.ImageError`).
+        """
+        return [c.text for c in chunks]
 
     def embed(
         self, client: httpx.Client, texts: Sequence[str], api_key: str | None, est_tokens: int

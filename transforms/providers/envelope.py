@@ -208,6 +208,9 @@ class EnvelopeConfig(BaseProviderConfig):
     poll_path: str = "/api/v1/embeddings/{id}"
     # A job not done by then is submitted again.
     poll_timeout_s: float = Field(300, gt=0)
+    # Each record's typed parts (text, image_url) as the body's "input", one record per request
+    # (transforms.providers.multimodal); needs input.image_field.
+    multimodal: bool = False
 
     def check(self) -> None:
         """A ``poll_path`` must be a path naming the job, or no job could ever be collected."""
@@ -266,7 +269,7 @@ class EnvelopeProvider(Provider):
         check_vectors(vectors, len(texts), self.expected_dim)
         prompt, total, estimated = usage_tokens(answer.data.get("usage"), est_tokens)
         served = answer.data.get("model")
-        return EmbeddingResult(
+        return self.finish_result(EmbeddingResult(
             vectors=vectors,
             prompt_tokens=prompt,
             total_tokens=total,
@@ -275,7 +278,11 @@ class EnvelopeProvider(Provider):
             provider_request_id=answer.job_id or request_id_of(submitted),
             rate_hint=parse_rate_limit_headers(submitted.headers),
             served_model=served if isinstance(served, str) and served else None,
-        )
+        ), answer.data)
+
+    def finish_result(self, result: EmbeddingResult, data: dict[str, Any]) -> EmbeddingResult:
+        """The result, with whatever else a subclass reads from the answer's ``data``."""
+        return result
 
     # -- answers ----------------------------------------------------------------------------
 
