@@ -24,7 +24,12 @@ import pytest
 from pipeline.local_batch import BatchServer
 from pipeline.run import PREFLIGHT_TEXT, RunRequest, execute
 from tests.support.checks import assert_run_complete
-from tests.support.corpus import corpus_patterns, long_text, write_corpus
+from tests.support.corpus import (
+    add_poisoned_document,
+    add_short_documents,
+    corpus_patterns,
+    write_corpus,
+)
 from tests.support.fakes import make_chunk
 from tests.support.harness import MODEL, expected_chunks, make_config
 from transforms.batch_session import BatchSession
@@ -40,23 +45,6 @@ DIM = 32
 BATCH = {"mode": "batch", "batch_poll_interval_s": 0.02, "max_inputs_per_request": 4}
 
 
-def add_poisoned_document(root: str) -> dict[str, str]:
-    """A multi-chunk document whose middle paragraph holds the poison marker."""
-    paragraphs = [long_text("finance", 2, 11), f"A {POISON} sentence here.",
-                  long_text("space", 2, 12)]
-    text = "\n\n".join(paragraphs)
-    with open(f"{root}/docs.jsonl", "a", encoding="utf-8") as f:
-        f.write(json.dumps({"id": "poisoned", "text": text, "lang": "en"}) + "\n")
-    return {"poisoned": text}
-
-
-def add_short_documents(root: str, n: int) -> dict[str, str]:
-    docs = {f"short-extra-{i}": f"Note {i}: " + long_text("cooking", 1, 100 + i)[:200]
-            for i in range(n)}
-    with open(f"{root}/docs.jsonl", "a", encoding="utf-8") as f:
-        f.writelines(json.dumps({"id": doc_id, "text": text, "lang": "en"}) + "\n"
-                     for doc_id, text in docs.items())
-    return docs
 
 
 def batch_config(root: str, out: str, server: BatchServer, **provider: Any):
@@ -77,7 +65,7 @@ def embedded_once(server: BatchServer, texts: set[str]) -> None:
 
 def test_every_batch_fault_at_once(tmp_path: Path) -> None:
     root = str(tmp_path / "corpus")
-    expected = write_corpus(root).plus(add_poisoned_document(root)).plus(
+    expected = write_corpus(root).plus(add_poisoned_document(root, POISON)).plus(
         add_short_documents(root, 60))
     chunks = expected_chunks(expected.documents)
     poisoned = {i for i, text in chunks.items() if POISON in text}

@@ -163,13 +163,8 @@ class BatchApi:
     # -- HTTP --------------------------------------------------------------------------------
 
     def _json(self, method: str, path: str, **kwargs: Any) -> Any:
-        response = self._call(method, path, **kwargs)
-        try:
-            return response.json()
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise MalformedResponseError(
-                f"{method} {path} answered {response.status_code} with a body that is not JSON",
-                http_status=response.status_code) from exc
+        """One call, retried, its answer's JSON."""
+        return _parsed(self._call(method, path, **kwargs), method, path)
 
     def _call(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
         for attempt in self.retry.retrying(sleep=self._sleep):
@@ -178,13 +173,8 @@ class BatchApi:
         raise AssertionError("unreachable: tenacity re-raises the last error")
 
     def _once(self, method: str, path: str, **kwargs: Any) -> Any:
-        response = self._send(method, path, **kwargs)
-        try:
-            return response.json()
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise MalformedResponseError(
-                f"{method} {path} answered with a body that is not JSON",
-                http_status=response.status_code) from exc
+        """One call, not retried, its answer's JSON."""
+        return _parsed(self._send(method, path, **kwargs), method, path)
 
     def _send(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
         """One exchange; transport failures are retryable, error answers classified."""
@@ -202,3 +192,12 @@ class BatchApi:
             error.provider_request_id = error.provider_request_id or request_id_of(response)
             raise error
         return response
+
+
+def _parsed(response: httpx.Response, method: str, path: str) -> Any:
+    try:
+        return response.json()
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise MalformedResponseError(
+            f"{method} {path} answered {response.status_code} with a body that is not JSON",
+            http_status=response.status_code) from exc

@@ -137,3 +137,24 @@ def _qualified(url: str, opts: dict[str, Any]) -> str:
 
 def corpus_patterns(root: str) -> list[str]:
     return [f"{root}/*.jsonl", f"{root}/*.csv", f"{root}/pages/"]
+
+
+def add_poisoned_document(root: str, marker: str) -> dict[str, str]:
+    """Append to ``root/docs.jsonl`` a multi-chunk document whose middle paragraph holds
+    ``marker`` (a poison the test server refuses): the siblings of its chunk must be embedded."""
+    paragraphs = [long_text("finance", 2, 11), f"A {marker} sentence here.",
+                  long_text("space", 2, 12)]
+    text = "\n\n".join(paragraphs)
+    with open(f"{root}/docs.jsonl", "a", encoding="utf-8") as f:
+        f.write(json.dumps({"id": "poisoned", "text": text, "lang": "en"}) + "\n")
+    return {"poisoned": text}
+
+
+def add_short_documents(root: str, n: int) -> dict[str, str]:
+    """Append ``n`` one-chunk documents with distinct texts: more requests, so faults show up."""
+    docs = {f"short-extra-{i}": f"Note {i}: " + long_text("cooking", 1, 100 + i)[:200]
+            for i in range(n)}
+    with open(f"{root}/docs.jsonl", "a", encoding="utf-8") as f:
+        f.writelines(json.dumps({"id": doc_id, "text": text, "lang": "en"}) + "\n"
+                     for doc_id, text in docs.items())
+    return docs
