@@ -274,3 +274,31 @@ def test_a_full_token_queue_defers_the_batch_until_one_of_ours_ends(tmp_path: Pa
     retried = [u for u in run.tables["usage"].to_pylist() if u["outcome"] == "retry"]
     assert retried and all("token_limit_exceeded" in u["error"] for u in retried)
     assert {u["attempt"] for u in run.ok_usage if u["mode"] == "batch"} >= {2}
+
+
+def test_the_key_reaches_no_file_log_or_uploaded_batch(tmp_path: Path) -> None:
+    """Batch mode sends the key on every Files and Batches call: it must stay in the headers,
+    never in the uploaded lines, the batches' metadata, the output, the cache or the log."""
+    key = "sk-batch-" + "7f3a9c" * 6
+    work = tmp_path / "work"
+    root = str(work / "corpus")
+    write_corpus(root)
+    with BatchServer(dim=DIM, model=MODEL, api_key=key) as server:
+        cfg = make_config(corpus_patterns(root), str(work / "out"), server.base_url,
+                          provider={**BATCH, "api_key_env": "EMBEDPIPE_BATCH_TEST_KEY"})
+        config = tmp_path / "config.json"
+        config.write_text(json.dumps(cfg.model_dump(by_alias=True, mode="json")))
+        proc = subprocess.run(
+            [sys.executable, "-m", "pipeline", "run", "--config", str(config)],
+            capture_output=True, timeout=300, check=False,
+            env={**os.environ, "EMBEDPIPE_BATCH_TEST_KEY": key, "PYTHONUNBUFFERED": "1"})
+        stats = server.batch_stats
+        uploaded = [server.file_content(b.input_file_id) for b in stats.batches]
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert stats.batches and "batches:" in proc.stderr.decode()  # progress lines were logged
+    files = {str(p): p.read_bytes() for p in work.rglob("*") if p.is_file()}
+    files.update({"stdout": proc.stdout, "stderr": proc.stderr})
+    files.update({f"upload {i}": data for i, data in enumerate(uploaded)})
+    files.update({"metadata": json.dumps([b.metadata for b in stats.batches]).encode()})
+    for where, data in files.items():
+        assert key.encode() not in data and key[9:30].encode() not in data, where
