@@ -89,14 +89,15 @@ def namespace_key(cfg: Config, served_dim: int | None = None) -> dict[str, Any]:
 
 def cache_spec(cfg: Config, run_id: str, served_dim: int | None = None) -> CacheSpec | None:
     """The namespace of this config, or None with ``cache.enabled: false``."""
-    if not cfg.cache.enabled or getattr(cfg.provider, "sparse", False):
-        return None  # sparse vectors are not cached (yet): a sparse run always sends
+    if not cfg.cache.enabled:
+        return None
     key = namespace_key(cfg, served_dim)
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
     root = (cfg.cache.path or default_cache_root(cfg.output.path)).rstrip("/")
     return CacheSpec(url=f"{root}/{digest}", storage_options=tuple(
         sorted(cfg.output.storage_options.items())), run_id=run_id, model=cfg.provider.model,
-        key=json.dumps(key, sort_keys=True), dim=cfg.provider.dimensions or served_dim)
+        key=json.dumps(key, sort_keys=True), dim=cfg.provider.dimensions or served_dim,
+        sparse=bool(getattr(cfg.provider, "sparse", False)))
 
 
 def output_spec(cfg: Config, ctx: RunContext) -> OutputSpec:

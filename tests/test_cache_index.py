@@ -6,6 +6,7 @@ import hashlib
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from hypothesis import given, settings
@@ -159,7 +160,8 @@ def test_lookup_groups_are_views_of_segments_for_runs_and_copies_otherwise(
         chunk(t) for t in (texts[300], texts[299], texts[301])]
     groups = sorted(fresh.lookup_groups(probe), key=lambda g: int(g[0][0]))
     assert [g[0].tolist() for g in groups] == [list(range(200)), [201, 202, 203]]
-    (_, first), (_, second) = groups
+    (_, first, no_sparse), (_, second, _) = groups
+    assert no_sparse is None and groups[1].sparse is None  # a dense namespace carries none
     np.testing.assert_array_equal(first, vectors[10:210])
     assert first.base is not None and not first.flags.owndata  # a slice of the decoded segment
     np.testing.assert_array_equal(second, vectors[[300, 299, 301]])
@@ -173,7 +175,7 @@ def test_a_few_rows_of_a_segment_are_copied_not_pinned(tmp_path: Path) -> None:
     vectors = vectors_for(texts)
     index = CacheIndex(spec(tmp_path))
     index.write([EmbeddedBatch(tuple(chunk(t, i) for i, t in enumerate(texts)), "m", vectors)])
-    [(positions, got)] = CacheIndex(spec(tmp_path, "run-b")).lookup_groups([chunk(texts[5])])
+    [(positions, got, _)] = CacheIndex(spec(tmp_path, "run-b")).lookup_groups([chunk(texts[5])])
     assert positions.tolist() == [0]
     np.testing.assert_array_equal(got, vectors[5:6])
     assert got.flags.owndata or got.base.nbytes == got.nbytes  # not a window on 256 rows
@@ -199,3 +201,97 @@ def test_what_killed_runs_left_in_the_cache_is_removed_once_stale(tmp_path: Path
     assert not half.exists() and not orphan.exists()
     assert fresh.exists()  # may belong to a live run: too young to touch
     assert again.lookup([item])[0] == [0]  # segments are never touched
+
+
+# -- sparse namespaces (provider.sparse) ------------------------------------------------------
+
+
+def sparse_spec(tmp_path: Path, run_id: str = "run-a") -> CacheSpec:
+    return CacheSpec(url=str(tmp_path / "ns"), storage_options=(), run_id=run_id, model="m",
+                     key="{}", sparse=True)
+
+
+def sparse_for(texts: list[str]) -> tuple[tuple[np.ndarray, np.ndarray], ...]:
+    """Row ``i``: ``i % 5`` entries (so some are empty), strictly increasing indices."""
+    rng = np.random.default_rng(len(texts) + 1)
+    return tuple((np.sort(rng.choice(250_000, i % 5, replace=False)).astype(np.int32),
+                  rng.uniform(0.01, 2.0, i % 5).astype(np.float32))
+                 for i in range(len(texts)))
+
+
+def assert_sparse_equal(got: tuple, expected: tuple) -> None:
+    assert len(got) == len(expected)
+    for (gi, gv), (ei, ev) in zip(got, expected, strict=True):
+        assert gi.dtype == np.int32 and gv.dtype == np.float32
+        np.testing.assert_array_equal(gi, ei)
+        np.testing.assert_array_equal(gv, ev)
+
+
+def test_sparse_vectors_round_trip_through_segments(tmp_path: Path) -> None:
+    """A sparse namespace's segments keep each row's sparse vector; a hit, in this process or
+    the next, is served with it, in runs and scattered alike."""
+    texts = [f"sparse text {i}" for i in range(40)]
+    vectors, sparse = vectors_for(texts), sparse_for(texts)
+    index = CacheIndex(sparse_spec(tmp_path))
+    for start in (0, 20):  # two segments, one of them written as two batches
+        part = tuple(chunk(t, start + i) for i, t in enumerate(texts[start:start + 20]))
+        index.write([EmbeddedBatch(part[:7], "m", vectors[start:start + 7],
+                                   sparse[start:start + 7]),
+                     EmbeddedBatch(part[7:], "m", vectors[start + 7:start + 20],
+                                   sparse[start + 7:start + 20])])
+    [segment, _] = sorted((tmp_path / "ns").glob("seg-*.arrow"))
+    schema = pa.ipc.open_file(pa.BufferReader(segment.read_bytes())).schema
+    assert schema.names == ["content_sha256", "embedding", "sparse_indices", "sparse_values"]
+    assert schema.field("sparse_indices").type == pa.list_(pa.int32())
+    assert schema.field("sparse_values").type == pa.list_(pa.float32())
+    order = [*range(3, 18), 39, 25, 21, 0]
+    probe = [chunk(texts[i]) for i in order] + [chunk("not cached")]
+    for reader in (index, CacheIndex(sparse_spec(tmp_path, "run-b"))):
+        groups = reader.lookup_groups(probe)
+        assert sorted(p for g in groups for p in g.positions.tolist()) == list(range(len(order)))
+        for group in groups:
+            rows = [order[p] for p in group.positions.tolist()]
+            np.testing.assert_array_equal(group.vectors, vectors[rows])
+            assert group.sparse is not None
+            assert_sparse_equal(group.sparse, tuple(sparse[r] for r in rows))
+
+
+def test_unusable_sparse_rows_are_misses(tmp_path: Path) -> None:
+    """A row whose sparse vector is missing or not finite is sent again, as a bad dense one."""
+    texts = ["fine", "no sparse", "nan value"]
+    (tmp_path / "ns").mkdir()
+    table = cache_table([sha(t) for t in texts], vectors_for(texts), sparse_for(texts))
+    indices = pa.array([[1], None, [2, 3]], pa.list_(pa.int32()))
+    values = pa.array([[0.5], None, [1.0, float("nan")]], pa.list_(pa.float32()))
+    table = table.set_column(2, "sparse_indices", indices).set_column(3, "sparse_values", values)
+    with pa.ipc.new_file(str(tmp_path / "ns" / "seg-x-000000000000.arrow"),
+                         table.schema) as writer:
+        writer.write_table(table)
+    [group] = CacheIndex(sparse_spec(tmp_path)).lookup_groups([chunk(t) for t in texts])
+    assert group.positions.tolist() == [0]
+    assert group.sparse is not None
+    assert_sparse_equal(group.sparse, ((np.array([1], np.int32), np.array([0.5], np.float32)),))
+
+
+def test_a_sparse_namespace_segment_without_sparse_vectors_is_corrupt(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Never served without its sparse vectors: a warning names it, its texts are misses."""
+    texts = ["dense only"]
+    CacheIndex(spec(tmp_path)).write(
+        [EmbeddedBatch((chunk(texts[0]),), "m", vectors_for(texts), sparse_for(texts))])
+    [segment] = (tmp_path / "ns").glob("seg-*.arrow")
+    with caplog.at_level("WARNING", logger="transforms.cache"):
+        assert CacheIndex(sparse_spec(tmp_path, "run-b")).lookup_groups([chunk(texts[0])]) == []
+    assert segment.name in caplog.text and "no sparse vectors" in caplog.text
+    assert CacheIndex(spec(tmp_path, "run-c")).lookup([chunk(texts[0])])[0] == [0]
+
+
+def test_a_dense_namespace_stores_no_sparse_columns(tmp_path: Path) -> None:
+    texts = ["a", "b"]
+    CacheIndex(spec(tmp_path)).write(
+        [EmbeddedBatch(tuple(chunk(t, i) for i, t in enumerate(texts)), "m", vectors_for(texts),
+                       sparse_for(texts))])
+    [segment] = (tmp_path / "ns").glob("seg-*.arrow")
+    schema = pa.ipc.open_file(pa.BufferReader(segment.read_bytes())).schema
+    assert schema.names == ["content_sha256", "embedding"]
+    assert cache_table([sha(t) for t in texts], vectors_for(texts)).schema == schema

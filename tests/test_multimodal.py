@@ -22,6 +22,7 @@ from typing import Any
 
 import fsspec
 import numpy as np
+import pyarrow as pa
 import pytest
 from PIL import Image
 
@@ -265,3 +266,77 @@ def test_a_refused_record_is_rejected_alone(tmp_path: Path, serve: Serve) -> Non
         "flagged", "embed", "provider_rejected")
     assert "InputTextSensitiveContentDetected" in reject["detail"]
     assert manifest["counts"]["chunks_failed"] == 1
+
+
+def sparse_by_id(output: str) -> dict[str, list[tuple[int, float]]]:
+    _, tables = read_output(output)
+    return {row["doc_id"]: [(s["index"], s["value"]) for s in row["sparse_embedding"]]
+            for row in tables["vectors"].to_pylist()}
+
+
+@pytest.mark.parametrize("fresh_output", [False, True])
+def test_a_sparse_rerun_is_served_from_the_cache(tmp_path: Path, serve: Serve,
+                                                  fresh_output: bool) -> None:
+    """A sparse run's re-run (``--overwrite``, or a new output sharing the cache) sends only its
+    preflight; its dense and sparse vectors are the first run's, and the server's, row by row."""
+    server = serve(ArkMultimodalServer)
+    root = str(tmp_path / "corpus")
+    valid, bad = build_corpus(root, oversized_file=False)
+    output = str(tmp_path / "out")
+    cache = {"path": str(tmp_path / "cache")}
+    assert execute(RunRequest(mm_config(root, output, server.base_url, cache=cache),
+                              quiet=True)) == 0
+    check_output(output, server, valid, bad, dim=DIM, sparse=True)
+    first = sparse_by_id(output)
+
+    sent = len(server.billed)
+    again_out = str(tmp_path / "out-again") if fresh_output else output
+    again = mm_config(root, again_out, server.base_url, cache=cache,
+                      output={"overwrite": True})
+    assert execute(RunRequest(again, quiet=True)) == 0
+    assert len(server.billed) == sent + 1  # the preflight, nothing else
+    manifest, tables = read_output(again_out)
+    assert manifest["status"] == "complete"
+    assert (manifest["cache"]["hits"], manifest["cache"]["misses"]) == (len(valid), 0)
+    second = sparse_by_id(again_out)
+    assert second == first
+    for doc_id, (text, image) in valid.items():
+        assert second[doc_id] == sparse_vector([text] if text else [], [image] if image else [])
+    matrix = embedding_matrix(tables["vectors"])
+    for i, doc_id in enumerate(tables["vectors"].column("doc_id").to_pylist()):
+        text, image = valid[doc_id]
+        np.testing.assert_array_equal(
+            matrix[i], fused_vector([text] if text else [], [image] if image else [], DIM))
+    # The sparse column keeps its type when it comes from the cache.
+    assert tables["vectors"].schema.field("sparse_embedding").type == pa.list_(
+        pa.struct([("index", pa.int32()), ("value", pa.float32())]))
+
+
+def test_dense_cache_segments_keep_their_format(tmp_path: Path, serve: Serve) -> None:
+    """A run without sparse vectors writes segments exactly as before sparse ones were cached:
+    two columns, and the very bytes the two-column IPC writer makes of them."""
+    server = serve(ArkMultimodalServer)
+    root = str(tmp_path / "corpus")
+    valid, _ = build_corpus(root, oversized_file=False)
+    cache = tmp_path / "cache"
+    cfg = mm_config(root, str(tmp_path / "out"), server.base_url, sparse=False,
+                    cache={"path": str(cache)})
+    assert execute(RunRequest(cfg, quiet=True)) == 0
+    segments = sorted(cache.glob("*/seg-*.arrow"))
+    assert len(segments) == len(valid)
+    for path in segments:
+        data = path.read_bytes()
+        table = pa.ipc.open_file(pa.BufferReader(data)).read_all()
+        assert table.schema == pa.schema([
+            ("content_sha256", pa.string()),
+            ("embedding", pa.list_(pa.float32(), DIM))])
+        matrix = np.stack(table.column("embedding").to_numpy(zero_copy_only=False))
+        expected = pa.table({
+            "content_sha256": pa.array(table.column("content_sha256").to_pylist(),
+                                       pa.string()),
+            "embedding": pa.FixedSizeListArray.from_arrays(
+                pa.array(matrix.astype(np.float32).reshape(-1)), DIM)})
+        sink = pa.BufferOutputStream()
+        with pa.ipc.new_file(sink, expected.schema) as writer:
+            writer.write_table(expected)
+        assert sink.getvalue().to_pybytes() == data

@@ -147,7 +147,11 @@ def test_cache_key_covers_text_image_model_dimension_and_sparse() -> None:
     assert (key["multimodal"], key["sparse"], key["dimensions"]) == (True, False, 1024)
     sparse = config({"image_field": "image"}, **ARK_MM, dimensions=1024, sparse=True)
     assert namespace_key(sparse)["sparse"] is True
-    assert cache_spec(sparse, "run") is None  # sparse vectors are not cached: always sent
+    # Sparse vectors are cached too, in a namespace of their own (the sparse flag is keyed).
+    sparse_spec, dense_spec = cache_spec(sparse, "run"), cache_spec(mm, "run")
+    assert sparse_spec is not None and dense_spec is not None
+    assert (sparse_spec.sparse, dense_spec.sparse) == (True, False)
+    assert sparse_spec.url != dense_spec.url
 
 
 # -- the providers --------------------------------------------------------------------------

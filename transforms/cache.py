@@ -24,6 +24,19 @@ until the last one arrives); it is a probe of a compact per-process index:
   whole, and IPC costs a memory copy either way (1.7 ms to write and 0.2 ms to read 256 vectors of
   1536 floats, against 26 ms to write dictionary-encoded zstd Parquet). Parquet files of earlier
   versions (``part-*.parquet``, ``run-*.parquet``) are still read.
+- **Sparse vectors** (``provider.sparse``) are cached beside their dense vectors, in the
+  segments of the sparse run's namespace (the namespace key holds the sparse flag, so no
+  namespace mixes the two): two more columns, ``sparse_indices: list<int32>`` and
+  ``sparse_values: list<float32>``, row for row, and a hit of such a namespace is served with
+  both. Dense namespaces keep exactly the two-column format and the lookup path they had; the
+  per-row work of splitting sparse vectors happens only in sparse namespaces (one record a
+  request, so a few rows a segment). A segment of a sparse namespace without the sparse columns
+  (or whose rows' indices and values differ in length) is treated as corrupt, as an unreadable
+  segment is: a warning names it, and its texts are misses, sent again, never served without
+  their sparse vectors. None exist in the wild (before sparse vectors were cached, a sparse run
+  wrote no segment at all), so the stricter choice costs nothing; as the index keeps a text's
+  oldest location, such a segment would shadow the newer copy of its texts until it is
+  deleted, which the warning says.
 - **New entries** join the index of the process that wrote them, so within one worker process an
   identical text that comes later is a hit; texts still in flight are handled by the embed stage
   (it sends one and gives the others its vector).
@@ -43,7 +56,7 @@ from collections import OrderedDict
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import fsspec
 import numpy as np
@@ -51,7 +64,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from transforms.sorted_runs import SortedRuns
-from transforms.types import Chunk, EmbeddedBatch
+from transforms.types import Chunk, EmbeddedBatch, SparseVector
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +93,7 @@ class CacheSpec:
     model: str
     key: str  # the namespace description, as JSON
     dim: int | None = None  # the run's vector dimension, when known: no other is ever served
+    sparse: bool = False  # the namespace's vectors carry sparse vectors (provider.sparse)
 
     def filesystem(self) -> tuple[fsspec.AbstractFileSystem, str]:
         fs, root = fsspec.core.url_to_fs(self.url, **dict(self.storage_options))
@@ -141,13 +155,34 @@ def _digests(column: pa.ChunkedArray) -> np.ndarray:
 # -- segments ----------------------------------------------------------------------------------
 
 
-def cache_table(shas: Sequence[str], vectors: np.ndarray) -> pa.Table:
+SPARSE_INDICES = "sparse_indices"
+SPARSE_VALUES = "sparse_values"
+
+
+def cache_table(shas: Sequence[str], vectors: np.ndarray,
+                sparse: Sequence[SparseVector] | None = None) -> pa.Table:
+    """A segment's table: ``content_sha256`` and ``embedding``, and with ``sparse`` (a sparse
+    namespace) ``sparse_indices`` and ``sparse_values``, row for row."""
     dim = vectors.shape[1]
-    return pa.table({
+    columns: dict[str, pa.Array] = {
         "content_sha256": pa.array(shas, pa.string()),
         "embedding": pa.FixedSizeListArray.from_arrays(
             pa.array(np.ascontiguousarray(vectors, dtype=np.float32).reshape(-1)), dim),
-    })
+    }
+    if sparse is not None:
+        if len(sparse) != len(shas):
+            raise ValueError(f"{len(sparse)} sparse vectors for {len(shas)} texts: misaligned")
+        flat = [(np.asarray(i, np.int32), np.asarray(v, np.float32)) for i, v in sparse]
+        if any(len(i) != len(v) for i, v in flat):
+            raise ValueError("a sparse vector's indices and values differ in length")
+        lengths = np.fromiter((len(i) for i, _ in flat), np.int64, len(flat))
+        offsets = pa.array(np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32))
+        indices = np.concatenate([i for i, _ in flat]) if flat else np.zeros(0, np.int32)
+        values = np.concatenate([v for _, v in flat]) if flat else np.zeros(0, np.float32)
+        columns[SPARSE_INDICES] = pa.ListArray.from_arrays(offsets, pa.array(indices, pa.int32()))
+        columns[SPARSE_VALUES] = pa.ListArray.from_arrays(offsets,
+                                                          pa.array(values, pa.float32()))
+    return pa.table(columns)
 
 
 def read_segment(fs: fsspec.AbstractFileSystem, path: str,
@@ -182,7 +217,52 @@ def _is_segment(path: str) -> bool:
     return not name.startswith(".") and name.endswith((SEGMENT_SUFFIX, LEGACY_SUFFIX))
 
 
-_Decoded = tuple[np.ndarray, np.ndarray, np.ndarray]  # digests (S64), vectors, usable rows
+#: A sparse namespace's decoded sparse vectors: row ``r``'s indices and values are
+#: ``indices[offsets[r]:offsets[r + 1]]`` and ``values[...]`` of the same slice.
+_SparseColumns = tuple[np.ndarray, np.ndarray, np.ndarray]  # offsets, indices, values
+
+#: digests (S64), vectors, usable rows, and in a sparse namespace the sparse columns.
+_Decoded = tuple[np.ndarray, np.ndarray, np.ndarray, _SparseColumns | None]
+
+
+class CachedGroup(NamedTuple):
+    """Hits of one segment: their positions in the probe, their vectors, and in a sparse
+    namespace their sparse vectors (None in a dense one)."""
+
+    positions: np.ndarray
+    vectors: np.ndarray
+    sparse: tuple[SparseVector, ...] | None = None
+
+
+class _CorruptSegment(ValueError):
+    """A segment that reads but cannot be served (a sparse namespace's, without sparse vectors)."""
+
+
+def _sparse_columns(table: pa.Table, usable: np.ndarray) -> _SparseColumns:
+    """A sparse segment's sparse vectors as flat arrays (vectorised: no per-row Python).
+
+    Rows without a sparse vector, or with a value that is not finite, become unusable (misses),
+    as a dense vector that is not finite does. Raises :class:`_CorruptSegment` for a segment
+    that has no sparse columns, or whose indices and values do not pair up.
+    """
+    if SPARSE_INDICES not in table.column_names or SPARSE_VALUES not in table.column_names:
+        raise _CorruptSegment("it has no sparse vectors (sparse_indices, sparse_values)")
+    indices = table.column(SPARSE_INDICES).combine_chunks()
+    values = table.column(SPARSE_VALUES).combine_chunks()
+    lengths = indices.value_lengths().fill_null(0).to_numpy(zero_copy_only=False)
+    if not np.array_equal(lengths, values.value_lengths().fill_null(0).to_numpy(
+            zero_copy_only=False)):
+        raise _CorruptSegment("its sparse indices and values differ in length")
+    usable &= ~(indices.is_null().to_numpy(zero_copy_only=False)
+                | values.is_null().to_numpy(zero_copy_only=False))
+    flat_indices = indices.flatten().to_numpy(zero_copy_only=False).astype(np.int32, copy=False)
+    flat_values = values.flatten().to_numpy(zero_copy_only=False).astype(np.float32, copy=False)
+    bad = ~np.isfinite(flat_values)
+    if bad.any():
+        usable[np.repeat(np.arange(len(lengths)), lengths)[bad]] = False
+    offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
+    np.cumsum(lengths, out=offsets[1:])
+    return offsets, flat_indices, flat_values
 
 
 class CacheIndex:
@@ -278,24 +358,27 @@ class CacheIndex:
         """The positions in ``chunks`` whose text is cached, and their vectors (one per hit).
 
         :meth:`lookup_groups` joined into one matrix in the order of ``chunks``: for tests and
-        callers that want one answer; the embed stage takes the groups as they are.
+        callers that want one answer; the embed stage takes the groups as they are (and only
+        they carry a sparse namespace's sparse vectors).
         """
         groups = self.lookup_groups(chunks)
         if not groups:
             return [], np.zeros((0, 0), dtype=np.float32)
-        taken = np.concatenate([positions for positions, _ in groups])
+        taken = np.concatenate([group.positions for group in groups])
         order = np.argsort(taken, kind="stable")
-        return taken[order].tolist(), np.concatenate([v for _, v in groups])[order]
+        return taken[order].tolist(), np.concatenate([g.vectors for g in groups])[order]
 
-    def lookup_groups(self, chunks: Sequence[Chunk]) -> list[tuple[np.ndarray, np.ndarray]]:
-        """The cached texts among ``chunks``, as ``(positions, vectors)`` per segment hit.
+    def lookup_groups(self, chunks: Sequence[Chunk]) -> list[CachedGroup]:
+        """The cached texts among ``chunks``, as ``(positions, vectors, sparse)`` per segment hit.
 
         One group per segment, so a re-run's vectors are never copied into one matrix and
         reordered: a group whose rows are a run over most of its segment (the usual case in a
         re-run, segments are hit in the order they were written) is a view of the decoded
         segment, with no copy at all; a scattered group is gathered (a view would pin a whole
-        segment for a few rows). A hit whose full sha256 differs (a prefix collision) or whose stored vector is
-        unusable (not finite, or all zeros) is a miss.
+        segment for a few rows). A hit whose full sha256 differs (a prefix collision) or whose
+        stored vector is unusable (not finite, or all zeros; in a sparse namespace also a row
+        without a finite sparse vector) is a miss. ``sparse`` is None in a dense namespace: its
+        path does no per-row work.
         """
         if not chunks:
             return []
@@ -305,12 +388,12 @@ class CacheIndex:
                 return []
             found, segment, row = self._keys.find(keys)
         positions = np.flatnonzero(found)
-        groups: list[tuple[np.ndarray, np.ndarray]] = []
+        groups: list[CachedGroup] = []
         for number in np.unique(segment[positions]):
             decoded = self._segment(int(number))
             if decoded is None:
                 continue
-            stored, matrix, usable = decoded
+            stored, matrix, usable, sparse_columns = decoded
             at = positions[segment[positions] == number]
             rows = row[at].astype(np.intp)
             keep = rows < len(stored)
@@ -323,7 +406,14 @@ class CacheIndex:
             # worth it (and only safe for memory) when the rows are most of the segment.
             whole_run = 2 * len(rows) >= len(matrix) and bool(np.all(np.diff(rows) == 1))
             vectors = matrix[rows[0]:rows[-1] + 1] if whole_run else matrix[rows]
-            groups.append((at, vectors))
+            if sparse_columns is None:
+                groups.append(CachedGroup(at, vectors))
+                continue
+            offsets, indices, values = sparse_columns
+            groups.append(CachedGroup(at, vectors, tuple(
+                (indices[start:end].copy(), values[start:end].copy())
+                for start, end in zip(offsets[rows].tolist(), offsets[rows + 1].tolist(),
+                                      strict=True))))
         return groups
 
     def _segment(self, number: int) -> _Decoded | None:
@@ -349,16 +439,34 @@ class CacheIndex:
         return self._decode(number)
 
     def _decode(self, number: int) -> _Decoded | None:
+        path = self._segments[number]
+        decoded: _Decoded | None = None
         try:
-            table = read_segment(self._fs, self._segments[number])
+            table = read_segment(self._fs, path)
         except Exception:
             log.warning("embedpipe: cache segment %s cannot be read; its texts are sent again",
-                        self._segments[number], exc_info=True)
+                        path, exc_info=True)
             table = None
-        if table is None:
+        try:
+            decoded = None if table is None else self._decoded_table(table)
+        except _CorruptSegment as exc:
+            log.warning("embedpipe: cache segment %s of a sparse namespace cannot be served: %s; "
+                        "its texts are sent again (delete it to have them cached anew)", path,
+                        exc)
+        if decoded is None:
             with self._lock:
                 self._prefetching.pop(number, None)
             return None
+        with self._lock:
+            self._prefetching.pop(number, None)
+            self._decoded[number] = decoded
+            self._decoded_bytes += _nbytes(decoded)
+            while self._decoded_bytes > SEGMENT_CACHE_BYTES and len(self._decoded) > 1:
+                _, old = self._decoded.popitem(last=False)
+                self._decoded_bytes -= _nbytes(old)
+        return decoded
+
+    def _decoded_table(self, table: pa.Table) -> _Decoded:
         column = table.column("embedding").combine_chunks()
         matrix = column.flatten().to_numpy(zero_copy_only=False).reshape(
             table.num_rows, column.type.list_size)
@@ -368,37 +476,42 @@ class CacheIndex:
         usable = np.isfinite(norms) & (norms > 0)
         if self.spec.dim is not None and matrix.shape[1] != self.spec.dim:
             usable[:] = False  # written by a server of another dimension: never served here
-        decoded = (_digests(table.column("content_sha256")), matrix, usable)
-        with self._lock:
-            self._prefetching.pop(number, None)
-            self._decoded[number] = decoded
-            self._decoded_bytes += matrix.nbytes
-            while self._decoded_bytes > SEGMENT_CACHE_BYTES and len(self._decoded) > 1:
-                _, (_, old, _) = self._decoded.popitem(last=False)
-                self._decoded_bytes -= old.nbytes
-        return decoded
+        sparse = _sparse_columns(table, usable) if self.spec.sparse else None
+        return (_digests(table.column("content_sha256")), matrix, usable, sparse)
 
     # -- writing -------------------------------------------------------------------------------
 
     def write(self, batches: Sequence[EmbeddedBatch]) -> None:
-        """Store one request's vectors as a segment, and index them for this process."""
-        batches = [b for b in batches if len(b)]
+        """Store one request's vectors as a segment, and index them for this process.
+
+        In a sparse namespace the batches' sparse vectors are stored too; a batch without them
+        is not cached (its texts would be served without sparse vectors): a provider answers a
+        sparse run with them, so this is a guard, not a path.
+        """
+        batches = [b for b in batches if len(b) and (not self.spec.sparse or b.sparse is not None)]
         if not batches:
             return
         shas = [c.content_sha256 for b in batches for c in b.chunks]
         vectors = batches[0].vectors if len(batches) == 1 else np.vstack(
             [b.vectors for b in batches])
+        sparse = [row for b in batches for row in (b.sparse or ())] if self.spec.sparse else None
         name = f"{SEGMENT_PREFIX}{self.spec.run_id}-{uuid.uuid4().hex[:12]}{SEGMENT_SUFFIX}"
         path = f"{self._root}/{name}"
         keys = sha_prefixes(shas)
         # The keys first: the segment is the commit point, and a keys file alone is ignored.
         self._fs.pipe_file(path + KEYS_SUFFIX, keys.astype("<u8").tobytes())
-        _write_atomically(self._fs, path, cache_table(shas, vectors))
+        _write_atomically(self._fs, path, cache_table(shas, vectors, sparse))
         with self._lock:
             number = len(self._segments)
             self._segments.append(path)
             self._keys.add(keys, np.full(len(keys), number, dtype=np.uint32),
                            np.arange(len(keys), dtype=np.uint32))
+
+
+def _nbytes(decoded: _Decoded) -> int:
+    """What a decoded segment holds in memory: its vectors, and its sparse vectors if any."""
+    sparse = decoded[3]
+    return decoded[1].nbytes + (0 if sparse is None else sum(a.nbytes for a in sparse))
 
 
 # -- the per-process registry ------------------------------------------------------------------

@@ -186,14 +186,14 @@ class EmbedChunksFn(beam.DoFn):
         cache = self._session.cache
         if cache is not None and chunks:
             served_at: list[np.ndarray] = []
-            for positions, vectors in cache.lookup_groups(chunks):
+            for positions, vectors, sparse in cache.lookup_groups(chunks):
                 served = tuple(chunks[i] for i in positions.tolist())
                 self._counts.hits += len(served)
                 self._counts.tokens_saved += sum(c.n_tokens for c in served)
                 self._metrics.chunks_embedded.inc(len(served))
                 served_at.append(positions)
                 yield EmbeddedBatch(chunks=served, model=self.settings.provider.model,
-                                    vectors=vectors)
+                                    vectors=vectors, sparse=sparse)
             if served_at:
                 missed = np.ones(len(chunks), dtype=bool)
                 for positions in served_at:
