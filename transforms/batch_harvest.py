@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import datetime as dt
 import functools
+import itertools
 import json
 import logging
 import threading
@@ -57,6 +58,8 @@ TOKEN_LIMIT = "token_limit_exceeded"
 #: How long a batch's state or files may stay unreadable (5xx, no connection) before the run
 #: stops waiting for it: a bound on every wait, far above an API's ordinary outages.
 UNREADABLE_LIMIT_S = 3600.0
+#: How far back the batch list is read to re-attach: OpenAI keeps batch files 30 days.
+LISTING_HORIZON_S = 30 * 86400.0
 
 
 class Harvester:
@@ -295,8 +298,12 @@ class Harvester:
             return
         harvested = self._harvested_before()
         try:
+            # Newest first; older than the files' retention, nothing can be collected any more.
+            recent = itertools.takewhile(
+                lambda b: not b.created_at or b.created_at >= time.time() - LISTING_HORIZON_S,
+                self.api.batches())
             # Not this run's own: another worker process of the run is waiting for those.
-            found = [b for b in self.api.batches()
+            found = [b for b in recent
                      if b.metadata.get(OUTPUT_KEY) == key and b.id not in harvested
                      and b.metadata.get(RUN_KEY) != self.settings.run_id
                      and b.status not in ("failed", "cancelled")]
